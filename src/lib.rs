@@ -1,0 +1,5 @@
+//! jbake: bake and roll Jenkins machine images on AWS.
+//!
+//! The crate is organised by concern: [`recipe`] turns YAML into a validated, rendered [`recipe::Plan`].
+
+pub mod recipe;
