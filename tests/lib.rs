@@ -1,0 +1,4 @@
+//! Integration tests: they drive the real `jbake` binary against real stand-ins
+//! (a throwaway OpenSSH server, a booted Debian instance, moto).
+
+mod support;

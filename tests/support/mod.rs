@@ -1,0 +1,1 @@
+//! Test harness: real components started and stopped by the tests.
