@@ -1,0 +1,316 @@
+//! The command line: arguments (clap) and what each command does. Errors are classified here
+//! into exit codes: 1 runtime failure, 2 bad input (always before any connection), 130 interrupted.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::exec::Executor;
+use crate::progress::{Output, Progress};
+use crate::recipe::{self, Builtins, LoadOptions, Plan, VarSource};
+use crate::ssh::{ConnectOptions, HostKeyPolicy, Target};
+
+/// Bake Jenkins machine images: YAML recipes run over SSH, fast, with errors you can act on.
+#[derive(Debug, Parser)]
+#[command(name = "jbake", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// How progress is reported: text (spinners on a terminal, timestamped lines otherwise) or
+    /// json (one object per event on stdout).
+    #[arg(long, global = true, value_enum, default_value = "text", env = "JBAKE_OUTPUT")]
+    pub output: Output,
+    /// Print only warnings, failures and the result (for cron).
+    #[arg(long, short, global = true, env = "JBAKE_QUIET")]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check a recipe offline and print the plan it renders to. Makes no network call.
+    Validate(ValidateArgs),
+    /// Run a recipe (steps, then validate) on an existing machine over SSH.
+    Apply(ApplyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RecipeArgs {
+    /// The recipe file (YAML).
+    pub recipe: PathBuf,
+    /// Set a variable (repeatable); wins over --var-file and the recipe's defaults.
+    #[arg(long = "var", value_name = "NAME=VALUE", value_parser = recipe::parse_var_arg)]
+    pub vars: Vec<(String, String)>,
+    /// A YAML file of variables (repeatable; later files win).
+    #[arg(long = "var-file", value_name = "FILE")]
+    pub var_files: Vec<PathBuf>,
+    /// The AWS region, available to templates as {{ region }}.
+    #[arg(long, env = "AWS_REGION", value_parser = parse_region)]
+    pub region: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+    /// The machine: USER@HOST[:PORT].
+    #[arg(long, value_parser = Target::parse)]
+    pub target: Target,
+    /// The private key to log in with (OpenSSH format, unencrypted).
+    #[arg(long, short = 'i', value_name = "KEYFILE", env = "JBAKE_IDENTITY")]
+    pub identity: PathBuf,
+    #[command(flatten)]
+    pub host_key: HostKeyArgs,
+    /// How long to keep trying to connect (a machine that is still booting).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = recipe::parse_duration)]
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+#[group(required = false, multiple = false)]
+pub struct HostKeyArgs {
+    /// Pin the server's host key: 'ssh-ed25519 AAAA…' (type and base64, as in a .pub file).
+    #[arg(long, value_name = "KEY")]
+    pub host_key: Option<String>,
+    /// Verify the host key with this OpenSSH known_hosts file [default: ~/.ssh/known_hosts].
+    #[arg(long, value_name = "FILE")]
+    pub known_hosts: Option<PathBuf>,
+    /// Accept any host key. Anyone between you and the machine can then impersonate it.
+    #[arg(long)]
+    pub insecure_ignore_host_key: bool,
+}
+
+/// How a command failed, which decides the exit code.
+#[derive(Debug)]
+pub enum Failure {
+    /// Bad recipe, flags or variables: exit 2, detected before any connection.
+    Input(anyhow::Error),
+    /// Connection or step failure: exit 1.
+    Runtime(anyhow::Error),
+    /// SIGINT/SIGTERM: exit 130.
+    Interrupted(String),
+}
+
+impl Failure {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Input(_) => 2,
+            Failure::Runtime(_) => 1,
+            Failure::Interrupted(_) => 130,
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Input(e) | Failure::Runtime(e) => write!(f, "{e:#}"),
+            Failure::Interrupted(what) => write!(f, "interrupted {what}"),
+        }
+    }
+}
+
+fn parse_region(s: &str) -> Result<String, String> {
+    let ok = regex::Regex::new(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d+$")
+        .map(|re| re.is_match(s))
+        .unwrap_or(false);
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!("'{s}' is not an AWS region name (like us-east-1 or eu-west-3)"))
+    }
+}
+
+pub async fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Validate(args) => validate(args, cli.output),
+        Command::Apply(args) => apply(args, cli.output, cli.quiet).await,
+    }
+}
+
+fn load(args: &RecipeArgs, builtins: Builtins) -> Result<Plan, Failure> {
+    let opts = LoadOptions {
+        var_files: args.var_files.clone(),
+        vars: args.vars.clone(),
+        builtins,
+    };
+    recipe::load(&args.recipe, &opts).map_err(|e| Failure::Input(e.into()))
+}
+
+fn validate(args: ValidateArgs, output: Output) -> Result<(), Failure> {
+    let plan = load(
+        &args.recipe,
+        Builtins {
+            region: args.recipe.region.clone(),
+            build_id: None,
+            version: None,
+            base_ami: None,
+        },
+    )?;
+    match output {
+        Output::Json => {
+            let v = serde_json::to_string_pretty(&plan)
+                .map_err(|e| Failure::Runtime(anyhow::anyhow!("cannot print the plan: {e}")))?;
+            println!("{v}");
+        }
+        Output::Text => print!("{}", recipe::format_plan(&plan)),
+    }
+    Ok(())
+}
+
+fn today() -> String {
+    let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    now.get(..10).unwrap_or("1970-01-01").replace('-', ".")
+}
+
+fn host_key_policy(args: &HostKeyArgs) -> Result<HostKeyPolicy, Failure> {
+    if let Some(pin) = &args.host_key {
+        return HostKeyPolicy::parse_pinned(pin)
+            .map_err(|e| Failure::Input(anyhow::anyhow!("--host-key: {e}")));
+    }
+    if args.insecure_ignore_host_key {
+        return Ok(HostKeyPolicy::Insecure);
+    }
+    let path = match &args.known_hosts {
+        Some(p) => p.clone(),
+        None => std::env::var_os("HOME")
+            .map(|h| Path::new(&h).join(".ssh/known_hosts"))
+            .ok_or_else(|| {
+                Failure::Input(anyhow::anyhow!(
+                    "no host key to check against: pass --host-key, --known-hosts, or \
+                     --insecure-ignore-host-key"
+                ))
+            })?,
+    };
+    if !path.is_file() {
+        return Err(Failure::Input(anyhow::anyhow!(
+            "known_hosts file {} does not exist: pass --known-hosts FILE or pin the key with \
+             --host-key 'ssh-ed25519 AAAA…'",
+            path.display()
+        )));
+    }
+    Ok(HostKeyPolicy::KnownHosts(path))
+}
+
+/// A recipe that uses a built-in `apply` cannot know (no cloud) is bad input, not a command to
+/// run with a placeholder in it.
+fn refuse_placeholders(plan: &Plan) -> Result<(), Failure> {
+    let rendered = format!("{:?}{:?}", plan.steps, plan.validate);
+    for var in plan.vars.iter().filter(|v| v.source == VarSource::Placeholder) {
+        if rendered.contains(&var.value) {
+            let hint = match var.name.as_str() {
+                "region" => "pass --region",
+                _ => "it is only known during `jbake build`",
+            };
+            return Err(Failure::Input(anyhow::anyhow!(
+                "{}: the recipe uses {{{{ {} }}}}, which `jbake apply` does not know: {hint}",
+                plan.file.display(),
+                var.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn apply(args: ApplyArgs, output: Output, quiet: bool) -> Result<(), Failure> {
+    // Everything that can be wrong with the input is found before connecting.
+    let build_id = format!(
+        "apply-{}",
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    );
+    let plan = load(
+        &args.recipe,
+        Builtins {
+            region: args.recipe.region.clone(),
+            build_id: Some(build_id),
+            version: Some(today()),
+            base_ami: None,
+        },
+    )?;
+    refuse_placeholders(&plan)?;
+    let host_key = host_key_policy(&args.host_key)?;
+    if let Err(e) = std::fs::metadata(&args.identity) {
+        return Err(Failure::Input(anyhow::anyhow!(
+            "--identity {}: {e}",
+            args.identity.display()
+        )));
+    }
+    let connect = ConnectOptions {
+        target: args.target.clone(),
+        identity: args.identity.clone(),
+        host_key,
+        deadline: args.connect_timeout,
+        keepalive: Duration::from_secs(15),
+    };
+    let mut progress = Progress::new(output, quiet, plan.secrets());
+    let label = args.target.to_string();
+    let work = async {
+        let mut ex = Executor::connect(connect, label, plan.secrets(), &mut progress)
+            .await
+            .map_err(|e| Failure::Runtime(e.into()))?;
+        let result = ex.run_plan(&plan).await;
+        ex.close().await;
+        Ok::<_, Failure>(result)
+    };
+    let result = tokio::select! {
+        r = work => r?,
+        what = interrupted() => return Err(Failure::Interrupted(what)),
+    };
+    let progress = Progress::new(output, quiet, plan.secrets());
+    match result {
+        Ok(report) => {
+            progress.summary(&report.rows, report.elapsed, true);
+            Ok(())
+        }
+        Err((e, report)) => {
+            progress.summary(&report.rows, report.elapsed, false);
+            Err(Failure::Runtime(e.into()))
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM, saying which.
+async fn interrupted() -> String {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => return "(SIGINT)".to_string(),
+                _ = term.recv() => return "(SIGTERM)".to_string(),
+            }
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+    "(SIGINT)".to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions() {
+        for ok in ["us-east-1", "eu-west-3", "us-gov-west-1", "ap-southeast-2"] {
+            assert!(parse_region(ok).is_ok(), "{ok}");
+        }
+        for bad in ["us-east", "US-EAST-1", "useast1", "", "us-east-1a"] {
+            assert!(parse_region(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,276 @@
+//! Progress for people and machines: spinners on a terminal, plain timestamped lines when not
+//! (cron, CI), one JSON object per event with `--output json`.
+
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, SystemTime};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+
+use crate::recipe::{Phase, Step};
+use crate::ssh::Stream;
+use crate::util::{fmt_duration, mask};
+
+/// How progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Spinners on a terminal, plain timestamped lines otherwise.
+    Text,
+    /// One JSON object per line on stdout.
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Tty,
+    Plain,
+    Json,
+}
+
+/// A step's outcome.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "status", content = "detail")]
+pub enum StepStatus {
+    /// Ran, and reported nothing to change (file/line/upload already right).
+    Ok,
+    /// Ran and changed the machine (every `run` counts as a change).
+    Changed,
+    /// Not run: `when:` false or `creates:` present.
+    Skipped(String),
+    Failed(String),
+}
+
+impl StepStatus {
+    fn word(&self) -> &'static str {
+        match self {
+            StepStatus::Ok => "ok",
+            StepStatus::Changed => "changed",
+            StepStatus::Skipped(_) => "skipped",
+            StepStatus::Failed(_) => "FAILED",
+        }
+    }
+}
+
+/// One row of the summary table.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StepRow {
+    pub phase: Phase,
+    pub number: usize,
+    pub name: String,
+    #[serde(flatten)]
+    pub status: StepStatus,
+    pub elapsed_ms: u128,
+    pub attempts: u32,
+}
+
+pub struct Progress {
+    mode: Mode,
+    quiet: bool,
+    secrets: Vec<String>,
+    bar: Option<ProgressBar>,
+    /// Buffered output of the current step, shown only if it fails (quiet mode).
+    held: Vec<String>,
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+fn label(step: &Step, total: usize) -> String {
+    let phase = match step.phase {
+        Phase::Steps => "",
+        Phase::Validate => "validate ",
+    };
+    format!("[{phase}{}/{total}] {}", step.number, step.name)
+}
+
+impl Progress {
+    /// `quiet`: print only warnings, failures and the final result (for cron).
+    pub fn new(output: Output, quiet: bool, secrets: Vec<String>) -> Progress {
+        let mode = match output {
+            Output::Json => Mode::Json,
+            Output::Text if std::io::stderr().is_terminal() && !quiet => Mode::Tty,
+            Output::Text => Mode::Plain,
+        };
+        Progress {
+            mode,
+            quiet,
+            secrets,
+            bar: None,
+            held: Vec::new(),
+        }
+    }
+
+    fn line(&self, text: &str) {
+        let text = mask(text, &self.secrets);
+        match (&self.bar, self.mode) {
+            (Some(bar), _) => bar.println(text),
+            (None, Mode::Tty) => eprintln!("{text}"),
+            _ => eprintln!("{} {text}", now()),
+        }
+    }
+
+    fn event(&self, mut v: Value) {
+        if let Value::Object(map) = &mut v {
+            map.insert("time".into(), Value::String(now()));
+        }
+        let text = mask(&v.to_string(), &self.secrets);
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{text}");
+    }
+
+    /// A general progress message ("connecting to …").
+    pub fn info(&self, event: &str, text: &str) {
+        match self.mode {
+            Mode::Json => self.event(json!({"event": event, "message": text})),
+            _ if self.quiet => {}
+            _ => self.line(text),
+        }
+    }
+
+    /// Something the user must see, even in quiet mode.
+    pub fn warn(&self, text: &str) {
+        match self.mode {
+            Mode::Json => self.event(json!({"event": "warning", "message": text})),
+            _ => self.line(&format!("warning: {text}")),
+        }
+    }
+
+    pub fn step_started(&mut self, step: &Step, total: usize) {
+        self.held.clear();
+        match self.mode {
+            Mode::Json => self.event(json!({
+                "event": "step_started", "phase": step.phase, "number": step.number,
+                "name": step.name, "kind": step.action.kind(),
+            })),
+            Mode::Tty => {
+                let bar = ProgressBar::new_spinner();
+                bar.set_style(
+                    ProgressStyle::with_template("{spinner:.cyan} {prefix} {elapsed:.dim} {wide_msg:.dim}")
+                        .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                );
+                bar.set_prefix(mask(&label(step, total), &self.secrets));
+                bar.enable_steady_tick(Duration::from_millis(100));
+                self.bar = Some(bar);
+            }
+            Mode::Plain if !self.quiet => self.line(&format!("{} ...", label(step, total))),
+            Mode::Plain => {}
+        }
+    }
+
+    pub fn step_output(&mut self, step: &Step, stream: Stream, text: &str) {
+        let stream_name = match stream {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        };
+        match self.mode {
+            Mode::Json => self.event(json!({
+                "event": "output", "phase": step.phase, "number": step.number,
+                "stream": stream_name, "line": text,
+            })),
+            Mode::Tty => {
+                if let Some(bar) = &self.bar {
+                    bar.set_message(mask(text, &self.secrets));
+                    bar.println(mask(&format!("  {} | {text}", step.name), &self.secrets));
+                }
+            }
+            Mode::Plain if self.quiet => self.held.push(format!("  {} | {text}", step.name)),
+            Mode::Plain => self.line(&format!("  {} | {text}", step.name)),
+        }
+    }
+
+    pub fn step_retry(&mut self, step: &Step, attempt: u32, of: u32, why: &str, delay: Duration) {
+        let text = format!(
+            "  {}: attempt {attempt}/{of} failed ({why}); retrying in {}",
+            step.name,
+            fmt_duration(delay)
+        );
+        match self.mode {
+            Mode::Json => self.event(json!({
+                "event": "step_retry", "phase": step.phase, "number": step.number,
+                "attempt": attempt, "of": of, "reason": why, "delay_ms": delay.as_millis(),
+            })),
+            _ => self.line(&text),
+        }
+    }
+
+    pub fn step_finished(&mut self, step: &Step, total: usize, status: &StepStatus, elapsed: Duration) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        let mark = match (status, self.mode) {
+            (StepStatus::Failed(_), Mode::Tty) => "✗",
+            (StepStatus::Skipped(_), Mode::Tty) => "-",
+            (_, Mode::Tty) => "✓",
+            _ => "",
+        };
+        let detail = match status {
+            StepStatus::Skipped(why) | StepStatus::Failed(why) => format!(": {why}"),
+            _ => String::new(),
+        };
+        let text = format!(
+            "{mark}{}{} {} ({}){detail}",
+            if mark.is_empty() { "" } else { " " },
+            label(step, total),
+            status.word(),
+            fmt_duration(elapsed)
+        );
+        match self.mode {
+            Mode::Json => self.event(json!({
+                "event": "step_finished", "phase": step.phase, "number": step.number,
+                "name": step.name, "status": status.word().to_lowercase(),
+                "detail": match status { StepStatus::Skipped(d) | StepStatus::Failed(d) => Some(d.clone()), _ => None },
+                "elapsed_ms": elapsed.as_millis(),
+            })),
+            _ if self.quiet && !matches!(status, StepStatus::Failed(_)) => {}
+            _ => {
+                if matches!(status, StepStatus::Failed(_)) {
+                    for held in std::mem::take(&mut self.held) {
+                        self.line(&held);
+                    }
+                }
+                self.line(&text)
+            }
+        }
+    }
+
+    /// The summary table at the end of a run.
+    pub fn summary(&self, rows: &[StepRow], elapsed: Duration, ok: bool) {
+        if self.mode == Mode::Json {
+            self.event(json!({"event": "run_finished", "ok": ok, "elapsed_ms": elapsed.as_millis(), "steps": rows}));
+            return;
+        }
+        if self.quiet && ok {
+            return;
+        }
+        let width = rows.iter().map(|r| r.name.chars().count()).max().unwrap_or(4).min(48);
+        let mut table = String::new();
+        for r in rows {
+            let phase = if r.phase == Phase::Validate { "v" } else { " " };
+            let tries = if r.attempts > 1 {
+                format!("  ({} attempts)", r.attempts)
+            } else {
+                String::new()
+            };
+            table.push_str(&format!(
+                "  {phase}{:>3}  {:<width$}  {:<8} {:>8}{tries}\n",
+                r.number,
+                r.name.chars().take(48).collect::<String>(),
+                r.status.word(),
+                fmt_duration(Duration::from_millis(r.elapsed_ms as u64)),
+            ));
+        }
+        let count = |f: fn(&StepStatus) -> bool| rows.iter().filter(|r| f(&r.status)).count();
+        let head = format!(
+            "{} in {}: {} ok, {} changed, {} skipped, {} failed",
+            if ok { "finished" } else { "FAILED" },
+            fmt_duration(elapsed),
+            count(|s| matches!(s, StepStatus::Ok)),
+            count(|s| matches!(s, StepStatus::Changed)),
+            count(|s| matches!(s, StepStatus::Skipped(_))),
+            count(|s| matches!(s, StepStatus::Failed(_))),
+        );
+        eprint!("{}", mask(&table, &self.secrets));
+        eprintln!("{head}");
+    }
+}
