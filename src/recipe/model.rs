@@ -152,12 +152,14 @@ pub(crate) fn decode_recipe(root: &Node) -> Result<RawRecipe, Error> {
     let version = loose.require("version", "the recipe schema version; write `version: 1`")?;
     match version.value {
         Value::Int(v) if v == i64::from(SCHEMA_VERSION) => {}
-        Value::Int(v) => return Err(version.err(
-            "version",
-            format!(
+        Value::Int(v) => {
+            return Err(version.err(
+                "version",
+                format!(
                 "unsupported recipe version {v}; this jbake understands version {SCHEMA_VERSION}"
             ),
-        )),
+            ))
+        }
         _ => {
             return Err(version.err(
                 "version",
