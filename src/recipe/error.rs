@@ -26,9 +26,6 @@ pub enum Error {
         field: String,
         message: String,
     },
-    /// A problem with variables that comes from the command line (`--var`), not from a file.
-    #[error("{message}")]
-    Var { message: String },
 }
 
 fn field_prefix(field: &str) -> String {
@@ -44,7 +41,7 @@ impl Error {
     pub fn location(&self) -> Option<&Origin> {
         match self {
             Error::Syntax { origin, .. } | Error::Invalid { origin, .. } => Some(origin),
-            Error::Io { .. } | Error::Var { .. } => None,
+            Error::Io { .. } => None,
         }
     }
 

@@ -238,7 +238,8 @@ impl<'a> Renderer<'a> {
                 let rendered = if *template {
                     if path.is_dir() {
                         return Err(src.err(format!(
-                            "{} is a directory; `template: true` works only for single files",
+                            "\"{}\" is a directory ({}); `template: true` works only for single files",
+                            src.value,
                             path.display()
                         )));
                     }

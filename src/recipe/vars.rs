@@ -78,15 +78,15 @@ pub(crate) fn resolve(recipe: &RawRecipe, opts: &LoadOptions) -> Result<Resolved
         }
     }
     let declared = |name: &str| recipe.vars.iter().find(|d| d.name == name);
-    let unknown = |name: &str| {
+    let unknown = |name: &str, from: &str| {
         let names: Vec<&str> = recipe.vars.iter().map(|d| d.name.as_str()).collect();
         if let Some(hint) = builtin_hint(name) {
             format!("'{name}' is a built-in variable and cannot be set ({hint})")
         } else if names.is_empty() {
-            format!("unknown variable '{name}'; the recipe declares no variables")
+            format!("unknown variable '{name}'{from}; the recipe declares no variables")
         } else {
             format!(
-                "unknown variable '{name}'{}; the recipe declares: {}",
+                "unknown variable '{name}'{from}{}; the recipe declares: {}",
                 did_you_mean(name, names.iter().copied()),
                 names.join(", ")
             )
@@ -105,7 +105,7 @@ pub(crate) fn resolve(recipe: &RawRecipe, opts: &LoadOptions) -> Result<Resolved
         let m = root.map("", &[])?;
         for (name, key, v) in &m.entries {
             let Some(d) = declared(name) else {
-                return Err(key.err("", unknown(name)));
+                return Err(key.err("", unknown(name, "")));
             };
             let value = v.scalar_string(name)?;
             values.insert(
@@ -123,7 +123,7 @@ pub(crate) fn resolve(recipe: &RawRecipe, opts: &LoadOptions) -> Result<Resolved
             return Err(Error::invalid(
                 &recipe.vars_origin,
                 "",
-                format!("{} (from --var {name}=…)", unknown(name)),
+                unknown(name, &format!(" (from --var {name}=…)")),
             ));
         };
         values.insert(
