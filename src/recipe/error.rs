@@ -79,16 +79,42 @@ pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
+/// Names people bring from Ansible/Packer, and what they are called here.
+const ALIASES: &[(&str, &str)] = &[
+    ("shell", "run"),
+    ("command", "run"),
+    ("cmd", "run"),
+    ("script", "run"),
+    ("copy", "upload"),
+    ("template", "upload"),
+    ("lineinfile", "line"),
+    ("retry", "retries"),
+];
+
 /// The closest candidate to `word`, if it is close enough to be a plausible typo.
 pub(crate) fn closest<'a>(
     word: &str,
     candidates: impl IntoIterator<Item = &'a str>,
 ) -> Option<&'a str> {
+    let candidates: Vec<&str> = candidates.into_iter().collect();
+    let lower = word.to_lowercase();
+    if let Some((_, to)) = ALIASES.iter().find(|(from, _)| *from == lower) {
+        if let Some(c) = candidates.iter().find(|c| *c == to) {
+            return Some(c);
+        }
+    }
     let mut best: Option<(usize, &str)> = None;
     for c in candidates {
-        let d = edit_distance(&word.to_lowercase(), &c.to_lowercase());
-        let limit = 2.max(word.len().max(c.len()).div_ceil(2));
-        if d <= limit && best.is_none_or(|(bd, _)| d < bd) {
+        let cl = c.to_lowercase();
+        let d = edit_distance(&lower, &cl);
+        let longest = lower.chars().count().max(cl.chars().count());
+        let prefix = lower
+            .chars()
+            .zip(cl.chars())
+            .take_while(|(a, b)| a == b)
+            .count();
+        let close = d <= 1.max(longest / 3) || (prefix >= 3 && d <= longest / 2);
+        if close && best.is_none_or(|(bd, _)| d < bd) {
             best = Some((d, c));
         }
     }
@@ -120,5 +146,9 @@ mod tests {
         );
         assert_eq!(closest("efs_idd", ["efs_id", "region"]), Some("efs_id"));
         assert_eq!(closest("zzzzzz", ["run", "name"]), None);
+        assert_eq!(closest("shell", ["name", "run", "when"]), Some("run"));
+        assert_eq!(closest("retires", ["retries", "run"]), Some("retries"));
+        assert_eq!(closest("stepz", ["steps", "name"]), Some("steps"));
+        assert_eq!(closest("foo", ["run", "name", "env"]), None);
     }
 }

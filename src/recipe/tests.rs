@@ -333,3 +333,24 @@ fn format_plan_snapshot() {
     let plan = load(&rel("good/full.yaml"), &o).unwrap();
     insta::assert_snapshot!(format_plan(&plan));
 }
+
+#[test]
+#[ignore = "prints every bad fixture's message, for review"]
+fn print_bad_messages() {
+    let mut cases: Vec<_> = std::fs::read_dir(fixtures().join("bad"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    cases.sort();
+    for c in cases
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+    {
+        let name = c.file_name().unwrap().to_str().unwrap();
+        let mut o = LoadOptions::default();
+        if let Ok(args) = std::fs::read_to_string(c.with_extension("args")) {
+            o.vars = args.lines().map(|l| parse_var_arg(l).unwrap()).collect();
+        }
+        println!("{}", load(&rel("bad").join(name), &o).unwrap_err());
+    }
+}

@@ -123,7 +123,7 @@ pub(crate) fn resolve(recipe: &RawRecipe, opts: &LoadOptions) -> Result<Resolved
             return Err(Error::invalid(
                 &recipe.vars_origin,
                 "",
-                unknown(name, &format!(" (from --var {name}=…)")),
+                unknown(name, &format!(" in --var {name}=…")),
             ));
         };
         values.insert(
