@@ -20,6 +20,10 @@
 //! Rules: an undefined variable is an error, never an empty string (declare `default: ""` to allow
 //! an empty value); auto-escaping is off; `trim_blocks` is on and a trailing newline is kept
 //! (so uploaded templates end the way the file does).
+//!
+//! All variable values are strings (`default: false` becomes `"false"`), so compare them
+//! explicitly in `when:`: `when: install_tools == "true"` (a bare `when: install_tools` is true
+//! for any non-empty string, "false" included).
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
