@@ -59,6 +59,9 @@ pub enum VarSource {
     Builtin,
     /// A built-in that is only known in the cloud; the value is a clearly marked placeholder.
     Placeholder,
+    /// Declared optional without a default and not given: no value (`value` is empty); a
+    /// template that uses it is an error.
+    Unset,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
