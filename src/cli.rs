@@ -17,7 +17,13 @@ use crate::ssh::{ConnectOptions, HostKeyPolicy, Target};
 pub struct Cli {
     /// How progress is reported: text (spinners on a terminal, timestamped lines otherwise) or
     /// json (one object per event on stdout).
-    #[arg(long, global = true, value_enum, default_value = "text", env = "JBAKE_OUTPUT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "JBAKE_OUTPUT"
+    )]
     pub output: Output,
     /// Print only warnings, failures and the result (for cron).
     #[arg(long, short, global = true, env = "JBAKE_QUIET")]
@@ -123,7 +129,9 @@ fn parse_region(s: &str) -> Result<String, String> {
     if ok {
         Ok(s.to_string())
     } else {
-        Err(format!("'{s}' is not an AWS region name (like us-east-1 or eu-west-3)"))
+        Err(format!(
+            "'{s}' is not an AWS region name (like us-east-1 or eu-west-3)"
+        ))
     }
 }
 
@@ -157,7 +165,8 @@ fn validate(args: ValidateArgs, output: Output) -> Result<(), Failure> {
         Output::Json => {
             let v = serde_json::to_string_pretty(&plan)
                 .map_err(|e| Failure::Runtime(anyhow::anyhow!("cannot print the plan: {e}")))?;
-            println!("{v}");
+            // Rendered commands and file contents may hold secret values.
+            println!("{}", crate::util::mask(&v, &plan.secrets()));
         }
         Output::Text => print!("{}", recipe::format_plan(&plan)),
     }
@@ -202,7 +211,11 @@ fn host_key_policy(args: &HostKeyArgs) -> Result<HostKeyPolicy, Failure> {
 /// run with a placeholder in it.
 fn refuse_placeholders(plan: &Plan) -> Result<(), Failure> {
     let rendered = format!("{:?}{:?}", plan.steps, plan.validate);
-    for var in plan.vars.iter().filter(|v| v.source == VarSource::Placeholder) {
+    for var in plan
+        .vars
+        .iter()
+        .filter(|v| v.source == VarSource::Placeholder)
+    {
         if rendered.contains(&var.value) {
             let hint = match var.name.as_str() {
                 "region" => "pass --region",

@@ -146,8 +146,10 @@ impl Progress {
             Mode::Tty => {
                 let bar = ProgressBar::new_spinner();
                 bar.set_style(
-                    ProgressStyle::with_template("{spinner:.cyan} {prefix} {elapsed:.dim} {wide_msg:.dim}")
-                        .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                    ProgressStyle::with_template(
+                        "{spinner:.cyan} {prefix} {elapsed:.dim} {wide_msg:.dim}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
                 );
                 bar.set_prefix(mask(&label(step, total), &self.secrets));
                 bar.enable_steady_tick(Duration::from_millis(100));
@@ -194,7 +196,13 @@ impl Progress {
         }
     }
 
-    pub fn step_finished(&mut self, step: &Step, total: usize, status: &StepStatus, elapsed: Duration) {
+    pub fn step_finished(
+        &mut self,
+        step: &Step,
+        total: usize,
+        status: &StepStatus,
+        elapsed: Duration,
+    ) {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }
@@ -243,7 +251,12 @@ impl Progress {
         if self.quiet && ok {
             return;
         }
-        let width = rows.iter().map(|r| r.name.chars().count()).max().unwrap_or(4).min(48);
+        let width = rows
+            .iter()
+            .map(|r| r.name.chars().count())
+            .max()
+            .unwrap_or(4)
+            .min(48);
         let mut table = String::new();
         for r in rows {
             let phase = if r.phase == Phase::Validate { "v" } else { " " };

@@ -2,3 +2,6 @@
 //! (a throwaway OpenSSH server, a booted Debian instance, moto).
 
 mod support;
+
+//mod apply;
+mod validate;

@@ -12,7 +12,11 @@ pub fn ensure_line(content: &str, line: &str, regexp: Option<&Regex>) -> Option<
     let lines: Vec<&str> = if content.is_empty() {
         Vec::new()
     } else {
-        content.strip_suffix('\n').unwrap_or(content).split('\n').collect()
+        content
+            .strip_suffix('\n')
+            .unwrap_or(content)
+            .split('\n')
+            .collect()
     };
     let hits = |l: &str| l == line || regexp.is_some_and(|re| re.is_match(l));
     let mut out: Vec<&str> = Vec::with_capacity(lines.len() + 1);
@@ -45,7 +49,10 @@ mod tests {
 
     #[test]
     fn appends_when_absent() {
-        assert_eq!(ensure_line("a\nb\n", "c", None).as_deref(), Some("a\nb\nc\n"));
+        assert_eq!(
+            ensure_line("a\nb\n", "c", None).as_deref(),
+            Some("a\nb\nc\n")
+        );
         assert_eq!(ensure_line("", "c", None).as_deref(), Some("c\n"));
         assert_eq!(ensure_line("a", "c", None).as_deref(), Some("a\nc\n"));
     }
@@ -57,7 +64,10 @@ mod tests {
 
     #[test]
     fn duplicates_are_removed() {
-        assert_eq!(ensure_line("c\na\nc\n", "c", None).as_deref(), Some("c\na\n"));
+        assert_eq!(
+            ensure_line("c\na\nc\n", "c", None).as_deref(),
+            Some("c\na\n")
+        );
     }
 
     #[test]

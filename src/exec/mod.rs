@@ -209,7 +209,13 @@ impl<'p> Executor<'p> {
         let mut out = Vec::new();
         let mut sink = |_: Stream, d: &[u8]| out.extend_from_slice(d);
         let code = shell
-            .run(script, Some(Duration::from_secs(1800)), None, "while waiting for cloud-init", &mut sink)
+            .run(
+                script,
+                Some(Duration::from_secs(1800)),
+                None,
+                "while waiting for cloud-init",
+                &mut sink,
+            )
             .await?;
         if code != 0 {
             self.progress.warn(&format!(
@@ -224,9 +230,13 @@ impl<'p> Executor<'p> {
     pub async fn run_plan(&mut self, plan: &Plan) -> Result<Report, (Error, Report)> {
         let start = Instant::now();
         let mut rows = Vec::new();
-        for (steps, total) in [(&plan.steps, plan.steps.len()), (&plan.validate, plan.validate.len())] {
+        for (steps, total) in [
+            (&plan.steps, plan.steps.len()),
+            (&plan.validate, plan.validate.len()),
+        ] {
             if total > 0 && steps[0].phase == Phase::Validate {
-                self.progress.info("phase", &format!("validating ({total} checks)"));
+                self.progress
+                    .info("phase", &format!("validating ({total} checks)"));
             }
             for step in steps {
                 self.progress.step_started(step, total);
@@ -236,7 +246,8 @@ impl<'p> Executor<'p> {
                     Ok(s) => s.clone(),
                     Err(e) => StepStatus::Failed(short(e)),
                 };
-                self.progress.step_finished(step, total, &status, t.elapsed());
+                self.progress
+                    .step_finished(step, total, &status, t.elapsed());
                 rows.push(StepRow {
                     phase: step.phase,
                     number: step.number,
@@ -288,7 +299,7 @@ impl<'p> Executor<'p> {
         let mut attempt = 1;
         loop {
             match self.attempt(step).await {
-                Err(Failure::Fatal(e)) => return (Err(e), attempt),
+                Err(Failure::Fatal(e)) => return (Err(*e), attempt),
                 Ok(status) => return (Ok(status), attempt),
                 Err(Failure::Step { detail, tail }) if attempt >= max => {
                     let detail = if max > 1 {
@@ -299,7 +310,8 @@ impl<'p> Executor<'p> {
                     return (Err(self.failed(step, detail, tail)), attempt);
                 }
                 Err(Failure::Step { detail, .. }) => {
-                    self.progress.step_retry(step, attempt, max, &detail, step.delay);
+                    self.progress
+                        .step_retry(step, attempt, max, &detail, step.delay);
                     tokio::time::sleep(step.delay).await;
                     attempt += 1;
                 }
@@ -331,15 +343,23 @@ impl<'p> Executor<'p> {
                     })
                 }
             }
-            Action::File { path, content, attrs } => {
-                self.install(step, content.as_bytes(), path, attrs, 0o644).await
+            Action::File {
+                path,
+                content,
+                attrs,
+            } => {
+                self.install(step, content.as_bytes(), path, attrs, 0o644)
+                    .await
             }
             Action::Upload {
                 src,
                 dest,
                 rendered,
                 attrs,
-            } => self.upload(step, src, dest, rendered.as_deref(), attrs).await,
+            } => {
+                self.upload(step, src, dest, rendered.as_deref(), attrs)
+                    .await
+            }
             Action::Line {
                 path,
                 line,
@@ -370,7 +390,9 @@ impl<'p> Executor<'p> {
                 progress.step_output(step, s, &mask(text, secrets))
             });
         };
-        let result = shell.run(script, timeout, step.user.as_deref(), &during, &mut sink).await;
+        let result = shell
+            .run(script, timeout, step.user.as_deref(), &during, &mut sink)
+            .await;
         lines.finish(|s, text| progress.step_output(step, s, &mask(text, secrets)));
         let code = result.map_err(|source| Error::Connection {
             origin: step.origin.clone(),
@@ -408,7 +430,8 @@ impl<'p> Executor<'p> {
     ) -> Result<StepStatus, Failure> {
         let during = format!("during {}", step_label(step));
         let len = data.len() as u64;
-        self.put(step, std::io::Cursor::new(data.to_vec()), len, &during).await?;
+        self.put(step, std::io::Cursor::new(data.to_vec()), len, &during)
+            .await?;
         self.finish_install(step, dest, attrs, default_mode).await
     }
 
@@ -422,12 +445,15 @@ impl<'p> Executor<'p> {
         let Some(shell) = self.shell.as_mut() else {
             return Err(self.lost(step, "the root shell is not open"));
         };
-        shell.put_data(data, len, during).await.map_err(|source| Error::Connection {
-            origin: step.origin.clone(),
-            label: step_label(step),
-            host: self.host_label.clone(),
-            source,
-        })
+        shell
+            .put_data(data, len, during)
+            .await
+            .map_err(|source| Error::Connection {
+                origin: step.origin.clone(),
+                label: step_label(step),
+                host: self.host_label.clone(),
+                source,
+            })
     }
 
     async fn finish_install(
@@ -461,10 +487,12 @@ impl<'p> Executor<'p> {
         attrs: &FileAttrs,
     ) -> Result<StepStatus, Failure> {
         if let Some(bytes) = rendered {
-            return self.install(step, bytes, dest, attrs, local_mode(step, src)?).await;
+            return self
+                .install(step, bytes, dest, attrs, local_mode(step, src)?)
+                .await;
         }
         let local = |source| {
-            Failure::Fatal(Error::LocalFile {
+            Failure::from(Error::LocalFile {
                 origin: step.origin.clone(),
                 label: step_label(step),
                 path: src.to_path_buf(),
@@ -480,12 +508,19 @@ impl<'p> Executor<'p> {
         let mut files = Vec::new();
         collect_files(src, Path::new(""), &mut files).map_err(local)?;
         let dirs: Vec<String> = std::iter::once(dest.to_string())
-            .chain(files.iter().filter(|(_, is_dir)| *is_dir).map(|(rel, _)| join(dest, rel)))
+            .chain(
+                files
+                    .iter()
+                    .filter(|(_, is_dir)| *is_dir)
+                    .map(|(rel, _)| join(dest, rel)),
+            )
             .collect();
         let mut mk = String::from("set -e\n");
         for d in &dirs {
             let q = shell_quote(d);
-            mk.push_str(&format!("[ -d {q} ] || {{ mkdir -p {q}; echo created; }}\n"));
+            mk.push_str(&format!(
+                "[ -d {q} ] || {{ mkdir -p {q}; echo created; }}\n"
+            ));
             if attrs.owner.is_some() || attrs.group.is_some() {
                 mk.push_str(&format!("chown {} {q}\n", owner_spec(attrs)));
             }
@@ -507,7 +542,11 @@ impl<'p> Executor<'p> {
                 .await?;
             changed |= status == StepStatus::Changed;
         }
-        Ok(if changed { StepStatus::Changed } else { StepStatus::Ok })
+        Ok(if changed {
+            StepStatus::Changed
+        } else {
+            StepStatus::Ok
+        })
     }
 
     async fn upload_file(
@@ -518,7 +557,7 @@ impl<'p> Executor<'p> {
         attrs: &FileAttrs,
     ) -> Result<StepStatus, Failure> {
         let local = |source| {
-            Failure::Fatal(Error::LocalFile {
+            Failure::from(Error::LocalFile {
                 origin: step.origin.clone(),
                 label: step_label(step),
                 path: src.to_path_buf(),
@@ -568,9 +607,13 @@ impl<'p> Executor<'p> {
         };
         match ensure_line(&content, line, re.as_ref()) {
             None if attrs == &FileAttrs::default() => Ok(StepStatus::Ok),
-            None => self.install(step, content.as_bytes(), path, attrs, 0o644).await,
+            None => {
+                self.install(step, content.as_bytes(), path, attrs, 0o644)
+                    .await
+            }
             Some(new) => {
-                self.install(step, new.as_bytes(), path, attrs, 0o644).await?;
+                self.install(step, new.as_bytes(), path, attrs, 0o644)
+                    .await?;
                 Ok(StepStatus::Changed)
             }
         }
@@ -579,10 +622,14 @@ impl<'p> Executor<'p> {
     /// Reboots, waits for the machine to go down and come back (a new boot id), reconnects.
     async fn reboot(&mut self, step: &Step, timeout: Duration) -> Result<StepStatus, Failure> {
         let boot_id = "cat /proc/sys/kernel/random/boot_id 2>/dev/null || true\n";
-        let before = self.request(step, boot_id, Some(Duration::from_secs(30)), true).await?;
+        let before = self
+            .request(step, boot_id, Some(Duration::from_secs(30)), true)
+            .await?;
         let before = String::from_utf8_lossy(&before.stdout).trim().to_string();
-        let trigger = "nohup sh -c 'sleep 1; systemctl reboot || reboot' >/dev/null 2>&1 </dev/null &\n";
-        self.request(step, trigger, Some(Duration::from_secs(30)), false).await?;
+        let trigger =
+            "nohup sh -c 'sleep 1; systemctl reboot || reboot' >/dev/null 2>&1 </dev/null &\n";
+        self.request(step, trigger, Some(Duration::from_secs(30)), false)
+            .await?;
         if let Some(shell) = self.shell.take() {
             drop(shell);
         }
@@ -594,15 +641,18 @@ impl<'p> Executor<'p> {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(Failure::Fatal(self.lost(
+                return Err(Failure::from(self.lost(
                     step,
-                    &format!("after the reboot: it did not come back within {}", fmt_duration(timeout)),
+                    &format!(
+                        "after the reboot: it did not come back within {}",
+                        fmt_duration(timeout)
+                    ),
                 )));
             }
             let mut opts = self.connect.clone();
             opts.deadline = left;
             let session = Session::connect(&opts).await.map_err(|source| {
-                Failure::Fatal(Error::Connection {
+                Failure::from(Error::Connection {
                     origin: step.origin.clone(),
                     label: step_label(step),
                     host: self.host_label.clone(),
@@ -610,7 +660,7 @@ impl<'p> Executor<'p> {
                 })
             })?;
             let shell = RootShell::open(&session).await.map_err(|source| {
-                Failure::Fatal(Error::Connection {
+                Failure::from(Error::Connection {
                     origin: step.origin.clone(),
                     label: step_label(step),
                     host: self.host_label.clone(),
@@ -619,7 +669,9 @@ impl<'p> Executor<'p> {
             })?;
             self.session = Some(session);
             self.shell = Some(shell);
-            let now = self.request(step, boot_id, Some(Duration::from_secs(30)), true).await?;
+            let now = self
+                .request(step, boot_id, Some(Duration::from_secs(30)), true)
+                .await?;
             let now = String::from_utf8_lossy(&now.stdout).trim().to_string();
             if before.is_empty() || now != before {
                 break;
@@ -633,7 +685,10 @@ impl<'p> Executor<'p> {
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        self.progress.info("reconnected", &format!("{} is back after the reboot", self.connect.target));
+        self.progress.info(
+            "reconnected",
+            &format!("{} is back after the reboot", self.connect.target),
+        );
         self.wait_for_cloud_init().await?;
         Ok(StepStatus::Changed)
     }
@@ -642,12 +697,12 @@ impl<'p> Executor<'p> {
 /// Why an attempt failed: a step failure may be retried, a fatal one may not.
 enum Failure {
     Step { detail: String, tail: Vec<String> },
-    Fatal(Error),
+    Fatal(Box<Error>),
 }
 
 impl From<Error> for Failure {
     fn from(e: Error) -> Self {
-        Failure::Fatal(e)
+        Failure::Fatal(Box::new(e))
     }
 }
 
@@ -726,7 +781,7 @@ fn local_mode(step: &Step, src: &Path) -> Result<u32, Failure> {
     std::fs::metadata(src)
         .map(|m| m.permissions().mode() & 0o7777)
         .map_err(|source| {
-            Failure::Fatal(Error::LocalFile {
+            Failure::from(Error::LocalFile {
                 origin: step.origin.clone(),
                 label: step_label(step),
                 path: src.to_path_buf(),
@@ -763,8 +818,12 @@ mod tests {
     fn lines_keep_the_tail_and_split_streams() {
         let mut l = Lines::new(false);
         let mut seen = Vec::new();
-        l.feed(Stream::Stdout, b"a\nb", |s, t| seen.push((s, t.to_string())));
-        l.feed(Stream::Stderr, b"err\n", |s, t| seen.push((s, t.to_string())));
+        l.feed(Stream::Stdout, b"a\nb", |s, t| {
+            seen.push((s, t.to_string()))
+        });
+        l.feed(Stream::Stderr, b"err\n", |s, t| {
+            seen.push((s, t.to_string()))
+        });
         l.feed(Stream::Stdout, b"c\n", |s, t| seen.push((s, t.to_string())));
         for i in 0..30 {
             l.feed(Stream::Stdout, format!("n{i}\n").as_bytes(), |_, _| {});
@@ -786,7 +845,15 @@ mod tests {
 
     #[test]
     fn install_script_quotes_the_destination() {
-        let s = install_script("/etc/it's here", &FileAttrs { mode: Some(0o600), owner: Some("root".into()), group: None }, 0o644);
+        let s = install_script(
+            "/etc/it's here",
+            &FileAttrs {
+                mode: Some(0o600),
+                owner: Some("root".into()),
+                group: None,
+            },
+            0o644,
+        );
         assert!(s.contains(r"d='/etc/it'\''s here'"));
         assert!(s.contains("chmod 600 \"$t\""));
         assert!(s.contains("chown root \"$t\""));

@@ -251,7 +251,11 @@ impl Session {
                     last,
                 });
             }
-            tracing::debug!(attempt = attempts, "connect to {} failed: {last}; retrying", opts.target);
+            tracing::debug!(
+                attempt = attempts,
+                "connect to {} failed: {last}; retrying",
+                opts.target
+            );
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
@@ -275,7 +279,8 @@ impl Session {
         };
         let addr = (opts.target.host.as_str(), opts.target.port);
         let per_attempt = Duration::from_secs(15).min(opts.deadline.max(Duration::from_secs(1)));
-        let connected = tokio::time::timeout(per_attempt, client::connect(config, addr, handler)).await;
+        let connected =
+            tokio::time::timeout(per_attempt, client::connect(config, addr, handler)).await;
         let take_seen = || {
             let mut s = seen.lock().unwrap_or_else(|p| p.into_inner());
             (s.fingerprint.take(), s.rejection.take())
@@ -294,7 +299,12 @@ impl Session {
             }
         };
         let fingerprint = take_seen().0.unwrap_or_default();
-        let hash = handle.best_supported_rsa_hash().await.ok().flatten().flatten();
+        let hash = handle
+            .best_supported_rsa_hash()
+            .await
+            .ok()
+            .flatten()
+            .flatten();
         let auth = handle
             .authenticate_publickey(
                 opts.target.user.clone(),
@@ -349,21 +359,37 @@ mod tests {
     #[test]
     fn targets() {
         let t = Target::parse("admin@10.0.0.5").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!((t.user.as_str(), t.host.as_str(), t.port), ("admin", "10.0.0.5", 22));
+        assert_eq!(
+            (t.user.as_str(), t.host.as_str(), t.port),
+            ("admin", "10.0.0.5", 22)
+        );
         let t = Target::parse("u@localhost:2222").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(t.port, 2222);
         let t = Target::parse("u@[::1]:2200").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!((t.host.as_str(), t.port, t.addr()), ("::1", 2200, "[::1]:2200".to_string()));
-        for bad in ["nohost", "@h", "u@", "u@h:0", "u@h:99999", "u@h:x", "u@[::1"] {
+        assert_eq!(
+            (t.host.as_str(), t.port, t.addr()),
+            ("::1", 2200, "[::1]:2200".to_string())
+        );
+        for bad in [
+            "nohost",
+            "@h",
+            "u@",
+            "u@h:0",
+            "u@h:99999",
+            "u@h:x",
+            "u@[::1",
+        ] {
             assert!(Target::parse(bad).is_err(), "{bad} should be rejected");
         }
     }
 
     #[test]
     fn pinned_keys() {
-        let ok = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3aLq454yWBdwLWbieU1ebz9/cu7/QEXn9OIeZJ me@x";
+        let ok =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3aLq454yWBdwLWbieU1ebz9/cu7/QEXn9OIeZJ me@x";
         assert!(HostKeyPolicy::parse_pinned(ok).is_ok());
-        let wrong_alg = "ssh-rsa AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3aLq454yWBdwLWbieU1ebz9/cu7/QEXn9OIeZJ";
+        let wrong_alg =
+            "ssh-rsa AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3aLq454yWBdwLWbieU1ebz9/cu7/QEXn9OIeZJ";
         assert!(HostKeyPolicy::parse_pinned(wrong_alg).is_err());
         assert!(HostKeyPolicy::parse_pinned("ssh-ed25519 notbase64!!").is_err());
         assert!(HostKeyPolicy::parse_pinned("").is_err());

@@ -92,10 +92,7 @@ impl RootShell {
             source,
         };
         let marker = format!("JBAKE-{:032x}", rand::thread_rng().gen::<u128>());
-        let channel = session
-            .open_channel()
-            .await
-            .map_err(protocol)?;
+        let channel = session.open_channel().await.map_err(protocol)?;
         let script = shell_quote(BROKER);
         let command = if session.target.user == "root" {
             format!("sh -c {script} jbake {marker}")
@@ -253,7 +250,9 @@ impl RootShell {
             while out_done.is_none() || err_done.is_none() {
                 let (stream, scanned) = match channel.wait().await {
                     Some(ChannelMsg::Data { data }) => (Stream::Stdout, out.feed(&data)),
-                    Some(ChannelMsg::ExtendedData { data, .. }) => (Stream::Stderr, err.feed(&data)),
+                    Some(ChannelMsg::ExtendedData { data, .. }) => {
+                        (Stream::Stderr, err.feed(&data))
+                    }
                     Some(ChannelMsg::Eof | ChannelMsg::Close) | None => {
                         for (s, sc) in [(Stream::Stdout, &mut *out), (Stream::Stderr, &mut *err)] {
                             let rest = sc.take_rest();
