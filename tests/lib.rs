@@ -1,4 +1,5 @@
 //! Integration tests: they drive the real `jbake` binary against real stand-ins
 //! (a throwaway OpenSSH server, a booted Debian instance, moto).
 
+mod harness;
 mod support;
