@@ -261,6 +261,11 @@ fn instance_boots_installs_reboots_and_goes_down_clean() {
         t.elapsed()
     );
     let new_boot_id = ssh_ok(&vm, "cat /proc/sys/kernel/random/boot_id");
+    let supervisor = Path::new("/proc").join(vm.supervisor_pid.to_string());
+    assert!(
+        supervisor.exists(),
+        "the same supervisor booted the guest again"
+    );
     assert_ne!(
         boot_id, new_boot_id,
         "boot_id unchanged: the guest did not reboot"
@@ -335,4 +340,55 @@ fn instance_snapshot_boots_again() {
         vm.host_key, key_before,
         "host keys are regenerated per instance"
     );
+}
+
+#[test]
+fn instance_options_host_key_bind_authorized_key() {
+    if !prereq::instance_tier() {
+        return;
+    }
+    instance::base_image();
+    let dir = tempfile::tempdir().expect("temp folder");
+    let keygen = |name: &str| {
+        let path = dir.path().join(name);
+        let out = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&path)
+            .output()
+            .expect("run ssh-keygen");
+        assert_ok("ssh-keygen", &out);
+        path
+    };
+    let host_key = keygen("host");
+    let extra = keygen("extra");
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).expect("mkdir shared");
+    std::fs::write(shared.join("hello.txt"), "from the host\n").expect("write hello.txt");
+    let extra_pub = std::fs::read_to_string(extra.with_extension("pub")).expect("read extra.pub");
+    let vm = Instance::builder("opts")
+        .host_key(&host_key)
+        .bind(&shared, "/mnt/shared")
+        .authorized_key(extra_pub.trim())
+        .up();
+    let host_pub = std::fs::read_to_string(host_key.with_extension("pub")).expect("read host.pub");
+    assert!(
+        host_pub.starts_with(&vm.host_key),
+        "HOST_KEY is the given key"
+    );
+    assert_eq!(vm.exec_ok("cat /mnt/shared/hello.txt"), "from the host");
+    // The extra key logs in too (the pinned known_hosts proves the host key).
+    let out = Command::new("ssh")
+        .args(vm.ssh_args().iter().map(|a| {
+            if *a == vm.identity.display().to_string() {
+                extra.display().to_string()
+            } else {
+                a.clone()
+            }
+        }))
+        .arg("id -un")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ssh");
+    assert_ok("ssh with the extra key", &out);
+    assert_eq!(stdout(&out), "admin");
 }
