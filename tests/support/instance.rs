@@ -11,6 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
@@ -29,6 +30,20 @@ pub fn base_image() -> PathBuf {
         .expect("run scripts/instance rootfs");
     assert!(out.status.success(), "scripts/instance rootfs failed");
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// Once per test process: `down` the instances of test runs that were killed
+/// (their owner process is gone; running ones of other processes are left alone).
+fn prune_once() {
+    static PRUNED: OnceLock<()> = OnceLock::new();
+    PRUNED.get_or_init(|| {
+        let status = Command::new(script())
+            .arg("prune")
+            .stdin(Stdio::null())
+            .status()
+            .expect("run scripts/instance prune");
+        assert!(status.success(), "scripts/instance prune failed");
+    });
 }
 
 /// A name no other instance of this or a parallel test process uses.
@@ -75,6 +90,7 @@ impl Builder {
 
     /// Boots the instance and waits until its sshd answers.
     pub fn up(self) -> Instance {
+        prune_once();
         let mut cmd = Command::new(script());
         cmd.arg("up").arg(&self.name);
         if let Some(image) = &self.image {
