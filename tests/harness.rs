@@ -191,6 +191,11 @@ impl Footprint {
             !Path::new(&format!("/var/tmp/jbake-instances/{name}")).exists(),
             "files left"
         );
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
+        assert!(
+            !mounts.contains(&format!("/jbake-instances/{name}/")),
+            "mount left"
+        );
         let ps = Command::new("ps")
             .args(["-eo", "args"])
             .output()
