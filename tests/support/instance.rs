@@ -133,6 +133,9 @@ pub struct Instance {
     /// The guest's root file system on the host.
     pub root: PathBuf,
     pub supervisor_pid: u32,
+    /// The host side of the veth (169.254.N.1): host services bound there are
+    /// reachable from the guest.
+    pub gateway: String,
     files: TempDir,
     down_on_drop: bool,
 }
@@ -172,6 +175,7 @@ impl Instance {
             supervisor_pid: get("SUPERVISOR_PID")
                 .parse()
                 .expect("SUPERVISOR_PID is a number"),
+            gateway: get("GATEWAY"),
             files,
             down_on_drop: true,
         };
