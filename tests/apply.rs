@@ -13,10 +13,15 @@ use crate::support::sshd::Sshd;
 /// `jbake apply RECIPE` against `sshd` with the pinned host key and JSON events.
 fn apply(sshd: &Sshd, recipe: &Path, extra: &[&str]) -> Run {
     let mut c = jbake();
-    c.args(["apply", &recipe.display().to_string(), "--target", &sshd.target()])
-        .args(["--identity", &sshd.identity().display().to_string()])
-        .args(["--host-key", sshd.host_key(), "--output", "json"])
-        .args(extra);
+    c.args([
+        "apply",
+        &recipe.display().to_string(),
+        "--target",
+        &sshd.target(),
+    ])
+    .args(["--identity", &sshd.identity().display().to_string()])
+    .args(["--host-key", sshd.host_key(), "--output", "json"])
+    .args(extra);
     Run::from_output(c.output().expect("run jbake"))
 }
 
@@ -39,7 +44,11 @@ fn every_step_kind_runs_and_is_idempotent() {
     let w = sshd.workdir();
     let w = w.display();
     let dir = tempfile::tempdir().expect("tempdir");
-    write(dir.path(), "files/app.conf", "port={{ port }}\nregion={{ region }}\n");
+    write(
+        dir.path(),
+        "files/app.conf",
+        "port={{ port }}\nregion={{ region }}\n",
+    );
     write(dir.path(), "files/tree/a.txt", "a\n");
     write(dir.path(), "files/tree/sub/b.sh", "#!/bin/sh\necho b\n");
     std::fs::set_permissions(
@@ -83,27 +92,45 @@ validate:
 "#
         ),
     );
-    std::fs::write(sshd.workdir().join("fstab"), "proc /proc proc 0 0\nfs-1 /data nfs4 old 0 0\n")
-        .expect("seed fstab");
+    std::fs::write(
+        sshd.workdir().join("fstab"),
+        "proc /proc proc 0 0\nfs-1 /data nfs4 old 0 0\n",
+    )
+    .expect("seed fstab");
     let secret = "tok-3f9a7c1e55";
     let region = ["--region", "eu-west-1", "--var", &format!("token={secret}")];
     let first = apply(&sshd, &r, &region);
     first.assert_code(0);
     let read = |name: &str| std::fs::read_to_string(sshd.workdir().join(name)).unwrap_or_default();
-    assert_eq!(read("root-uid").trim(), "0", "steps run as root through sudo");
-    assert_eq!(read("user-name").trim(), "jbake-test", "user: runs as that user");
+    assert_eq!(
+        read("root-uid").trim(),
+        "0",
+        "steps run as root through sudo"
+    );
+    assert_eq!(
+        read("user-name").trim(),
+        "jbake-test",
+        "user: runs as that user"
+    );
     assert_eq!(read("conf/env"), format!("TOKEN={secret}\n"));
     let meta = std::fs::metadata(sshd.workdir().join("conf/env")).expect("env file");
     assert_eq!(meta.mode() & 0o777, 0o600);
-    assert_eq!(read("fstab"), "proc /proc proc 0 0\nfs-1 /data nfs4 new 0 0\n");
+    assert_eq!(
+        read("fstab"),
+        "proc /proc proc 0 0\nfs-1 /data nfs4 new 0 0\n"
+    );
     assert_eq!(read("app.conf"), "port=8080\nregion=eu-west-1\n");
     assert_eq!(
-        std::fs::metadata(sshd.workdir().join("app.conf")).map(|m| m.mode() & 0o777).unwrap_or(0),
+        std::fs::metadata(sshd.workdir().join("app.conf"))
+            .map(|m| m.mode() & 0o777)
+            .unwrap_or(0),
         0o640
     );
     assert_eq!(read("tree/a.txt"), "a\n");
     assert_eq!(
-        std::fs::metadata(sshd.workdir().join("tree/sub/b.sh")).map(|m| m.mode() & 0o777).unwrap_or(0),
+        std::fs::metadata(sshd.workdir().join("tree/sub/b.sh"))
+            .map(|m| m.mode() & 0o777)
+            .unwrap_or(0),
         0o755,
         "an uploaded file keeps its local mode"
     );
@@ -112,17 +139,31 @@ validate:
     let statuses: Vec<String> = first.statuses().into_iter().map(|(_, s)| s).collect();
     assert_eq!(
         statuses,
-        ["changed", "changed", "changed", "changed", "changed", "changed", "skipped", "skipped", "changed", "changed"]
+        [
+            "changed", "changed", "changed", "changed", "changed", "changed", "skipped", "skipped",
+            "changed", "ok"
+        ]
     );
-    assert!(first.stdout.contains("from jbake 8080"), "env reaches the step");
-    assert!(!first.stdout.contains(secret) && !first.stderr.contains(secret), "secret leaked:\n{}", first.stdout);
+    assert!(
+        first.stdout.contains("from jbake 8080"),
+        "env reaches the step"
+    );
+    assert!(
+        !first.stdout.contains(secret) && !first.stderr.contains(secret),
+        "secret leaked:\n{}",
+        first.stdout
+    );
     assert!(first.stdout.contains("the token is ****"));
 
     // Second run: the file steps find nothing to change.
     let second = apply(&sshd, &r, &region);
     second.assert_code(0);
     let statuses: Vec<String> = second.statuses().into_iter().map(|(_, s)| s).collect();
-    assert_eq!(&statuses[2..6], ["ok", "ok", "ok", "ok"], "file/line/upload are idempotent");
+    assert_eq!(
+        &statuses[2..6],
+        ["ok", "ok", "ok", "ok"],
+        "file/line/upload are idempotent"
+    );
     assert_eq!(read("fstab").matches("fs-1").count(), 1);
 }
 
@@ -141,11 +182,15 @@ fn a_failing_step_reports_where_what_and_its_last_lines() {
     out.assert_code(1);
     let err = &out.stderr;
     assert!(
-        err.contains("step 2 'Install Java' (") && err.contains("recipe.yaml:6:5) exited 100 on jbake-test@127.0.0.1:"),
+        err.contains("step 2 'Install Java' (")
+            && err.contains("recipe.yaml:7:5) exited 100 on jbake-test@127.0.0.1:"),
         "{err}"
     );
     assert!(err.contains("| E: Unable to locate package nope"), "{err}");
-    assert!(err.contains("| line 30") && !err.contains("| line 5\n"), "keeps the last lines only:\n{err}");
+    assert!(
+        err.contains("| line 30") && !err.contains("| line 5\n"),
+        "keeps the last lines only:\n{err}"
+    );
     assert_eq!(out.statuses().len(), 2, "stops at the first failure");
 }
 
@@ -166,9 +211,16 @@ fn retries_until_success() {
     );
     let out = apply(&sshd, &r, &[]);
     out.assert_code(0);
-    let retries = out.events().iter().filter(|e| e["event"] == "step_retry").count();
+    let retries = out
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "step_retry")
+        .count();
     assert_eq!(retries, 2);
-    assert_eq!(std::fs::read_to_string(&counter).unwrap_or_default().trim(), "3");
+    assert_eq!(
+        std::fs::read_to_string(&counter).unwrap_or_default().trim(),
+        "3"
+    );
 
     let r = recipe(
         dir.path(),
@@ -176,7 +228,11 @@ fn retries_until_success() {
     );
     let out = apply(&sshd, &r, &[]);
     out.assert_code(1);
-    assert!(out.stderr.contains("exited 4 (attempt 2 of 2)"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("exited 4 (attempt 2 of 2)"),
+        "{}",
+        out.stderr
+    );
 }
 
 fn pgrep(pattern: &str) -> bool {
@@ -204,10 +260,18 @@ fn a_timeout_kills_the_remote_command() {
     let out = apply(&sshd, &r, &[]);
     out.assert_code(1);
     assert!(t.elapsed() < Duration::from_secs(20));
-    assert!(out.stderr.contains("timed out after 1.0s (the remote command was killed)"), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("timed out after 1.0s (the remote command was killed)"),
+        "{}",
+        out.stderr
+    );
     std::thread::sleep(Duration::from_millis(300));
     assert!(!pgrep("sleep 4243"), "the step's command still runs");
-    assert!(!pgrep("sleep 4242"), "the step's background child still runs");
+    assert!(
+        !pgrep("sleep 4242"),
+        "the step's background child still runs"
+    );
 }
 
 #[test]
@@ -218,18 +282,35 @@ fn host_key_is_verified() {
     let sshd = Sshd::start();
     let other = Sshd::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let r = recipe(dir.path(), &format!("steps:\n  - name: x\n    run: touch {}/ran\n", sshd.workdir().display()));
+    let r = recipe(
+        dir.path(),
+        &format!(
+            "steps:\n  - name: x\n    run: touch {}/ran\n",
+            sshd.workdir().display()
+        ),
+    );
     let identity = sshd.identity().display().to_string();
     let base = |extra: &[&str]| {
         let mut c = jbake();
-        c.args(["apply", &r.display().to_string(), "--target", &sshd.target(), "--identity", &identity])
-            .args(extra);
+        c.args([
+            "apply",
+            &r.display().to_string(),
+            "--target",
+            &sshd.target(),
+            "--identity",
+            &identity,
+        ])
+        .args(extra);
         Run::from_output(c.output().expect("run"))
     };
     // Pinned to another server's key: refused, and nothing ran.
     let out = base(&["--host-key", other.host_key()]);
     out.assert_code(1);
-    assert!(out.stderr.contains("host key verification failed"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("host key verification failed"),
+        "{}",
+        out.stderr
+    );
     assert!(out.stderr.contains("--host-key pins"), "{}", out.stderr);
     // known_hosts with a different key for this host: "CHANGED".
     let kh = dir.path().join("kh");
@@ -267,8 +348,17 @@ fn connection_refused_is_retried_until_the_deadline() {
     let t = Instant::now();
     let out = Run::from_output(
         jbake()
-            .args(["apply", &r.display().to_string(), "--target", &format!("u@127.0.0.1:{port}")])
-            .args(["--identity", &key.display().to_string(), "--insecure-ignore-host-key"])
+            .args([
+                "apply",
+                &r.display().to_string(),
+                "--target",
+                &format!("u@127.0.0.1:{port}"),
+            ])
+            .args([
+                "--identity",
+                &key.display().to_string(),
+                "--insecure-ignore-host-key",
+            ])
             .args(["--connect-timeout", "1500ms"])
             .output()
             .expect("run"),
@@ -281,16 +371,32 @@ fn connection_refused_is_retried_until_the_deadline() {
     let t2 = Instant::now();
     let out = Run::from_output(
         jbake()
-            .args(["apply", &r.display().to_string(), "--target", &format!("u@127.0.0.1:{port}")])
-            .args(["--identity", &sshd.identity().display().to_string(), "--insecure-ignore-host-key"])
+            .args([
+                "apply",
+                &r.display().to_string(),
+                "--target",
+                &format!("u@127.0.0.1:{port}"),
+            ])
+            .args([
+                "--identity",
+                &sshd.identity().display().to_string(),
+                "--insecure-ignore-host-key",
+            ])
             .args(["--connect-timeout", "1500ms"])
             .output()
             .expect("run"),
     );
     out.assert_code(1);
-    assert!(out.stderr.contains("could not connect to 127.0.0.1:"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("could not connect to 127.0.0.1:"),
+        "{}",
+        out.stderr
+    );
     assert!(out.stderr.contains("connection refused"), "{}", out.stderr);
-    assert!(t2.elapsed() >= Duration::from_millis(1000), "it retried until the deadline");
+    assert!(
+        t2.elapsed() >= Duration::from_millis(1000),
+        "it retried until the deadline"
+    );
     assert!(t.elapsed() < Duration::from_secs(30));
 }
 
@@ -301,10 +407,23 @@ fn a_dropped_connection_mid_step_fails_clearly() {
     }
     let sshd = Sshd::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let r = recipe(dir.path(), "steps:\n  - name: long\n    run: echo started; sleep 30\n");
+    let r = recipe(
+        dir.path(),
+        "steps:\n  - name: long\n    run: echo started; sleep 30\n",
+    );
     let mut child = jbake()
-        .args(["apply", &r.display().to_string(), "--target", &sshd.target()])
-        .args(["--identity", &sshd.identity().display().to_string(), "--host-key", sshd.host_key()])
+        .args([
+            "apply",
+            &r.display().to_string(),
+            "--target",
+            &sshd.target(),
+        ])
+        .args([
+            "--identity",
+            &sshd.identity().display().to_string(),
+            "--host-key",
+            sshd.host_key(),
+        ])
         .args(["--output", "json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -328,11 +447,24 @@ fn interrupt_exits_130() {
     }
     let sshd = Sshd::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let r = recipe(dir.path(), "steps:\n  - name: long\n    run: echo started; sleep 30\n");
+    let r = recipe(
+        dir.path(),
+        "steps:\n  - name: long\n    run: echo started; sleep 30\n",
+    );
     for signal in ["-INT", "-TERM"] {
         let mut child = jbake()
-            .args(["apply", &r.display().to_string(), "--target", &sshd.target()])
-            .args(["--identity", &sshd.identity().display().to_string(), "--host-key", sshd.host_key()])
+            .args([
+                "apply",
+                &r.display().to_string(),
+                "--target",
+                &sshd.target(),
+            ])
+            .args([
+                "--identity",
+                &sshd.identity().display().to_string(),
+                "--host-key",
+                sshd.host_key(),
+            ])
             .args(["--output", "json"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -358,9 +490,16 @@ fn wait_for_output(child: &mut std::process::Child, needle: &str) {
     let mut buf = [0u8; 4096];
     let t = Instant::now();
     while !String::from_utf8_lossy(&seen).contains(needle) {
-        assert!(t.elapsed() < Duration::from_secs(30), "no {needle:?} in {:?}", String::from_utf8_lossy(&seen));
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no {needle:?} in {:?}",
+            String::from_utf8_lossy(&seen)
+        );
         match stdout.read(&mut buf) {
-            Ok(0) => panic!("stdout closed before {needle:?}: {:?}", String::from_utf8_lossy(&seen)),
+            Ok(0) => panic!(
+                "stdout closed before {needle:?}: {:?}",
+                String::from_utf8_lossy(&seen)
+            ),
             Ok(n) => seen.extend_from_slice(&buf[..n]),
             Err(e) => panic!("read: {e}"),
         }

@@ -4,5 +4,6 @@
 mod support;
 
 mod apply;
+mod apply_instance;
 mod harness;
 mod validate;

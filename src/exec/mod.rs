@@ -334,7 +334,9 @@ impl<'p> Executor<'p> {
             Action::Run { script } => {
                 let script = compose(step, script);
                 let r = self.request(step, &script, step.timeout, false).await?;
-                if r.code == 0 {
+                if r.code == 0 && step.phase == Phase::Validate {
+                    Ok(StepStatus::Ok) // a check that passed changed nothing
+                } else if r.code == 0 {
                     Ok(StepStatus::Changed)
                 } else {
                     Err(Failure::Step {

@@ -244,7 +244,7 @@ impl Session {
                 Err(Attempt::Retry(why)) => why,
             };
             let waited = start.elapsed();
-            if waited + backoff > opts.deadline {
+            if waited >= opts.deadline {
                 return Err(Error::ConnectTimeout {
                     target: opts.target.addr(),
                     waited,
@@ -256,7 +256,7 @@ impl Session {
                 "connect to {} failed: {last}; retrying",
                 opts.target
             );
-            tokio::time::sleep(backoff).await;
+            tokio::time::sleep(backoff.min(opts.deadline - waited)).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
