@@ -2,6 +2,8 @@
 //! into exit codes: 1 runtime failure, 2 bad input (always before any connection), 130 interrupted.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand};
@@ -266,17 +268,33 @@ async fn apply(args: ApplyArgs, output: Output, quiet: bool) -> Result<(), Failu
     };
     let mut progress = Progress::new(output, quiet, plan.secrets());
     let label = args.target.to_string();
+    let broker_pid = Arc::new(AtomicU32::new(0));
+    let stop_with = connect.clone();
     let work = async {
-        let mut ex = Executor::connect(connect, label, plan.secrets(), &mut progress)
-            .await
-            .map_err(|e| Failure::Runtime(e.into()))?;
+        let mut ex = Executor::connect(
+            connect,
+            label,
+            plan.secrets(),
+            &mut progress,
+            broker_pid.clone(),
+        )
+        .await
+        .map_err(|e| Failure::Runtime(e.into()))?;
         let result = ex.run_plan(&plan).await;
         ex.close().await;
         Ok::<_, Failure>(result)
     };
     let result = tokio::select! {
         r = work => r?,
-        what = interrupted() => return Err(Failure::Interrupted(what)),
+        what = interrupted() => {
+            // The connection is gone with `work`; stop the step still running on the machine.
+            let pid = broker_pid.load(Ordering::SeqCst);
+            if pid != 0 {
+                eprintln!("interrupted {what}: stopping the running step on {}", stop_with.target);
+                stop_remote_step(stop_with, pid).await;
+            }
+            return Err(Failure::Interrupted(what));
+        }
     };
     let progress = Progress::new(output, quiet, plan.secrets());
     match result {
@@ -288,6 +306,22 @@ async fn apply(args: ApplyArgs, output: Output, quiet: bool) -> Result<(), Failu
             progress.summary(&report.rows, report.elapsed, false);
             Err(Failure::Runtime(e.into()))
         }
+    }
+}
+
+/// Connects again (briefly) and stops what the interrupted run's root shell was running.
+async fn stop_remote_step(mut connect: ConnectOptions, broker_pid: u32) {
+    connect.deadline = Duration::from_secs(10);
+    let stop = async {
+        let session = crate::ssh::Session::connect(&connect).await?;
+        crate::ssh::stop_remote(&session, broker_pid).await?;
+        session.close().await;
+        Ok::<_, crate::ssh::Error>(())
+    };
+    match tokio::time::timeout(Duration::from_secs(15), stop).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => eprintln!("warning: could not stop the remote step: {e}"),
+        Err(_) => eprintln!("warning: could not stop the remote step: no answer within 15s"),
     }
 }
 

@@ -479,6 +479,16 @@ fn interrupt_exits_130() {
         let out = Run::from_output(child.wait_with_output().expect("wait"));
         out.assert_code(130);
         assert!(out.stderr.contains("interrupted"), "{}", out.stderr);
+        assert!(
+            out.stderr.contains("stopping the running step"),
+            "{}",
+            out.stderr
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            !pgrep("sleep 31415"),
+            "the interrupted step still runs on the machine"
+        );
     }
 }
 

@@ -7,6 +7,8 @@ pub use line::ensure_line;
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::progress::{Progress, StepRow, StepStatus};
@@ -16,6 +18,9 @@ use crate::util::{fmt_duration, mask, shell_quote};
 
 /// How many lines of a failed step's output the error keeps.
 const TAIL: usize = 20;
+
+/// A step without `timeout:` is killed after this long: an unattended (cron) run must end.
+pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -135,6 +140,8 @@ pub struct Executor<'p> {
     secrets: Vec<String>,
     /// Shown in errors: the instance id, or `user@host:port`.
     host_label: String,
+    /// The root shell's pid on the machine, for stopping its step after an interrupt.
+    broker_pid: Arc<AtomicU32>,
 }
 
 /// What a request to the root shell produced.
@@ -151,6 +158,7 @@ impl<'p> Executor<'p> {
         host_label: String,
         secrets: Vec<String>,
         progress: &'p mut Progress,
+        broker_pid: Arc<AtomicU32>,
     ) -> Result<Executor<'p>, Error> {
         let mut ex = Executor {
             connect,
@@ -159,6 +167,7 @@ impl<'p> Executor<'p> {
             progress,
             secrets,
             host_label,
+            broker_pid,
         };
         ex.establish().await?;
         Ok(ex)
@@ -193,6 +202,7 @@ impl<'p> Executor<'p> {
                 session.host_key_fingerprint
             ),
         );
+        self.broker_pid.store(shell.pid(), Ordering::SeqCst);
         self.session = Some(session);
         self.shell = Some(shell);
         self.wait_for_cloud_init().await
@@ -211,7 +221,7 @@ impl<'p> Executor<'p> {
         let code = shell
             .run(
                 script,
-                Some(Duration::from_secs(1800)),
+                Duration::from_secs(1800),
                 None,
                 "while waiting for cloud-init",
                 &mut sink,
@@ -340,7 +350,7 @@ impl<'p> Executor<'p> {
                     Ok(StepStatus::Changed)
                 } else {
                     Err(Failure::Step {
-                        detail: exit_detail(r.code, step.timeout),
+                        detail: exit_detail(r.code, step.timeout.unwrap_or(DEFAULT_STEP_TIMEOUT)),
                         tail: r.tail,
                     })
                 }
@@ -392,6 +402,7 @@ impl<'p> Executor<'p> {
                 progress.step_output(step, s, &mask(text, secrets))
             });
         };
+        let timeout = timeout.unwrap_or(DEFAULT_STEP_TIMEOUT);
         let result = shell
             .run(script, timeout, step.user.as_deref(), &during, &mut sink)
             .await;
@@ -669,6 +680,7 @@ impl<'p> Executor<'p> {
                     source,
                 })
             })?;
+            self.broker_pid.store(shell.pid(), Ordering::SeqCst);
             self.session = Some(session);
             self.shell = Some(shell);
             let now = self
@@ -716,9 +728,9 @@ fn short(e: &Error) -> String {
     }
 }
 
-fn exit_detail(code: i32, timeout: Option<Duration>) -> String {
+fn exit_detail(code: i32, timeout: Duration) -> String {
     match (code, timeout) {
-        (124 | 137, Some(t)) => format!(
+        (124 | 137, t) => format!(
             "timed out after {} (the remote command was killed)",
             fmt_duration(t)
         ),
@@ -840,9 +852,8 @@ mod tests {
 
     #[test]
     fn timeouts_are_named() {
-        assert!(exit_detail(124, Some(Duration::from_secs(2))).contains("timed out after 2.0s"));
-        assert_eq!(exit_detail(124, None), "exited 124");
-        assert_eq!(exit_detail(100, Some(Duration::from_secs(2))), "exited 100");
+        assert!(exit_detail(124, Duration::from_secs(2)).contains("timed out after 2.0s"));
+        assert_eq!(exit_detail(100, Duration::from_secs(2)), "exited 100");
     }
 
     #[test]

@@ -7,7 +7,7 @@ mod shell;
 
 pub use marker::{MarkerScanner, Scanned};
 pub use session::{ConnectOptions, HostKeyPolicy, Session, Target};
-pub use shell::{RootShell, Stream};
+pub use shell::{stop_remote, RootShell, Stream};
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -21,8 +21,9 @@ use crate::util::shell_quote;
 ///
 /// Requests (one line, then a payload):
 /// - `x TIMEOUT USER`, then the script's lines, then a line holding only the marker: run the
-///   script (`TIMEOUT` seconds, 0 = none; `USER` `-` for root). The script is read with the
-///   shell's own `read`, so a step costs no process besides its own `sh` (and `timeout` if set).
+///   script under `timeout` (`TIMEOUT` seconds; `USER` `-` for root). The script is read with
+///   the shell's own `read`, so a step costs two processes: `timeout` (which leads the step's
+///   process group, so a timeout or an interrupt kills the whole step) and its `sh`.
 /// - `w LEN`, then exactly LEN bytes: store them in `$JBAKE_TMP/data` for the next script
 ///   (uploads). `head -c` reads exactly LEN bytes and `read` reads byte by byte, so a payload never
 ///   swallows the next request.
@@ -37,7 +38,7 @@ export HOME=/root
 export DEBIAN_FRONTEND=noninteractive
 cd / || exit 90
 command -v timeout >/dev/null 2>&1 || { echo "jbake needs 'timeout' (coreutils or busybox) on the machine" >&2; exit 93; }
-printf '%s ready %s\n' "$m" "$(id -u)"
+printf '%s ready %s %s\n' "$m" "$(id -u)" "$$"
 while IFS=' ' read -r op a b; do
   case $op in
   x)
@@ -51,9 +52,7 @@ while IFS=' ' read -r op a b; do
     else
       set -- sh "$JBAKE_TMP/s"
     fi
-    if [ "$a" = 0 ]; then "$@" </dev/null; rc=$?
-    else timeout -k 10 "$a" "$@" </dev/null; rc=$?
-    fi
+    timeout -k 10 "$a" "$@" </dev/null; rc=$?
     ;;
   w) head -c "$a" > "$JBAKE_TMP/data"; rc=$? ;;
   q) exit 0 ;;
@@ -78,6 +77,7 @@ pub struct RootShell {
     marker: String,
     out: MarkerScanner,
     err: MarkerScanner,
+    pid: u32,
 }
 
 /// How long to wait past a step's own timeout before declaring the machine unresponsive.
@@ -106,12 +106,18 @@ impl RootShell {
             out: MarkerScanner::new(&marker),
             err: MarkerScanner::new(&marker),
             marker,
+            pid: 0,
         };
         shell.wait_ready(&session.target.user).await?;
         Ok(shell)
     }
 
     async fn wait_ready(&mut self, user: &str) -> Result<(), Error> {
+        self.pid = self.read_ready(user).await?;
+        Ok(())
+    }
+
+    async fn read_ready(&mut self, user: &str) -> Result<u32, Error> {
         let ready = format!("{} ready ", self.marker);
         let mut stdout = Vec::new();
         let mut stderr = Vec::new();
@@ -122,8 +128,11 @@ impl RootShell {
                         stdout.extend_from_slice(&data);
                         let text = String::from_utf8_lossy(&stdout);
                         if let Some(at) = text.find(&ready) {
-                            if text[at..].contains('\n') {
-                                return Ok(());
+                            if let Some(line) = text[at + ready.len()..].split('\n').next() {
+                                if text[at..].contains('\n') {
+                                    let pid = line.split_whitespace().nth(1);
+                                    return Ok(pid.and_then(|p| p.parse().ok()).unwrap_or(0));
+                                }
                             }
                         }
                     }
@@ -135,7 +144,7 @@ impl RootShell {
             }
         };
         match tokio::time::timeout(GRACE, wait).await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(pid)) => Ok(pid),
             Ok(Err(())) => {
                 let why = String::from_utf8_lossy(&stderr).trim().to_string();
                 let hint = if why.contains("password") || why.contains("sudo") {
@@ -164,17 +173,17 @@ impl RootShell {
     }
 
     /// Runs `script` with `sh` as root (or as `user`), streaming output to `sink` as it arrives.
-    /// Returns the exit status. A `timeout` kills the remote command (its whole process group):
+    /// Returns the exit status. The `timeout` kills the remote command (its whole process group):
     /// the status is then 124 (or 137 when it ignored SIGTERM for 10 s).
     pub async fn run(
         &mut self,
         script: &str,
-        timeout: Option<Duration>,
+        timeout: Duration,
         user: Option<&str>,
         during: &str,
         sink: &mut (dyn FnMut(Stream, &[u8]) + Send),
     ) -> Result<i32, Error> {
-        let secs = timeout.map(|t| t.as_secs().max(1)).unwrap_or(0);
+        let secs = timeout.as_secs().max(1);
         let user = user.unwrap_or("-");
         let mut request = format!("x {secs} {user}\n{script}");
         if !request.ends_with('\n') {
@@ -183,8 +192,7 @@ impl RootShell {
         request.push_str(&self.marker);
         request.push('\n');
         self.send(request.into_bytes()).await?;
-        let backstop = timeout.map(|t| t + GRACE);
-        self.collect(backstop, during, sink).await
+        self.collect(Some(timeout + GRACE), during, sink).await
     }
 
     /// Sends `len` bytes from `data` to `$JBAKE_TMP/data` on the machine, for the next script.
@@ -295,6 +303,11 @@ impl RootShell {
         Ok(out_done.or(err_done).unwrap_or(-1))
     }
 
+    /// The root shell's process id on the machine (for [`stop_remote`]).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// Ends the broker (it removes its temporary folder) and closes the channel.
     pub async fn close(mut self) {
         let _ = self.channel.data_bytes(b"q\n".to_vec()).await;
@@ -308,4 +321,39 @@ impl RootShell {
         })
         .await;
     }
+}
+
+/// Stops whatever a root shell is running, from a second connection: used after an interrupt,
+/// when the first connection is already gone. Every step runs under `timeout`, which leads its
+/// own process group; SIGTERM to it is passed on to the whole group. Needs no procps.
+pub async fn stop_remote(session: &Session, broker_pid: u32) -> Result<(), Error> {
+    let target = session.target.addr();
+    let script = format!(
+        "for s in /proc/[0-9]*/stat; do read -r p c st pp rest < \"$s\" 2>/dev/null || continue; \
+         [ \"$pp\" = {broker_pid} ] && kill -TERM \"$p\" 2>/dev/null; done; \
+         kill -TERM {broker_pid} 2>/dev/null; exit 0"
+    );
+    let quoted = shell_quote(&script);
+    let command = if session.target.user == "root" {
+        format!("sh -c {quoted}")
+    } else {
+        format!("sudo -n -- sh -c {quoted}")
+    };
+    let mut channel = session
+        .open_channel()
+        .await
+        .map_err(|source| Error::Protocol {
+            target: target.clone(),
+            source,
+        })?;
+    channel
+        .exec(true, command)
+        .await
+        .map_err(|source| Error::Protocol { target, source })?;
+    while let Some(msg) = channel.wait().await {
+        if matches!(msg, ChannelMsg::ExitStatus { .. } | ChannelMsg::Close) {
+            break;
+        }
+    }
+    Ok(())
 }
