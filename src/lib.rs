@@ -2,8 +2,12 @@
 //!
 //! The crate is organised by concern: [`recipe`] turns YAML into a validated, rendered [`recipe::Plan`].
 
+pub mod aws;
+pub mod build;
 pub mod cli;
 pub mod exec;
+pub mod gc;
+pub mod manifest;
 pub mod progress;
 pub mod recipe;
 pub mod ssh;

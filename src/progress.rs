@@ -242,6 +242,26 @@ impl Progress {
         }
     }
 
+    /// The result of a build: always printed (on stdout), quiet or not.
+    pub fn result(&self, built: &crate::build::Built) {
+        if self.mode == Mode::Json {
+            self.event(json!({"event": "build_finished", "result": built}));
+            return;
+        }
+        let text = if built.skipped_unchanged {
+            format!(
+                "unchanged {} {} (content hash {})",
+                built.ami_id, built.name, built.content_hash
+            )
+        } else {
+            format!(
+                "built {} {} (content hash {})",
+                built.ami_id, built.name, built.content_hash
+            )
+        };
+        println!("{}", mask(&text, &self.secrets));
+    }
+
     /// The summary table at the end of a run.
     pub fn summary(&self, rows: &[StepRow], elapsed: Duration, ok: bool) {
         if self.mode == Mode::Json {

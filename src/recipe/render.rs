@@ -21,9 +21,10 @@
 //! an empty value); auto-escaping is off; `trim_blocks` is on and a trailing newline is kept
 //! (so uploaded templates end the way the file does).
 //!
-//! All variable values are strings (`default: false` becomes `"false"`), so compare them
-//! explicitly in `when:`: `when: install_tools == "true"` (a bare `when: install_tools` is true
-//! for any non-empty string, "false" included).
+//! All variable values are strings (`default: false` becomes `"false"`). A `when:` whose result
+//! is a string is read as a boolean the way Ansible users expect: `true/yes/on/1` and
+//! `false/no/off/0/""` (any case), anything else is an error; so `when: install_tools` works with
+//! `--var install_tools=false`. Comparisons (`when: java_version == "21"`) work as usual.
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
@@ -184,7 +185,19 @@ impl<'a> Renderer<'a> {
         let v = expr
             .eval(self.context)
             .map_err(|e| self.jinja_error(&place, &e))?;
-        Ok(v.is_true())
+        // Variables are strings: a bare `when: install_tools` must not be true for "false".
+        match v.as_str() {
+            Some(text) => match text.trim().to_ascii_lowercase().as_str() {
+                "true" | "yes" | "on" | "1" => Ok(true),
+                "false" | "no" | "off" | "0" | "" => Ok(false),
+                _ => Err(s.err(format!(
+                    "when: {:?} evaluates to the string {text:?}, which is not a boolean \
+                     (write a comparison, e.g. `x == \"{text}\"`)",
+                    s.value
+                ))),
+            },
+            None => Ok(v.is_true()),
+        }
     }
 
     fn user(&self, s: &Spanned) -> Result<String, Error> {

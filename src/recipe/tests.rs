@@ -354,3 +354,36 @@ fn print_bad_messages() {
         println!("{}", load(&rel("bad").join(name), &o).unwrap_err());
     }
 }
+
+#[test]
+fn a_bare_when_reads_string_values_as_booleans() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = dir.path().join("r.yaml");
+    std::fs::write(
+        &recipe,
+        "version: 1\nname: r\nbase: { ami: ami-0123456789abcdef0, ssh_user: admin }\n\
+         vars:\n  flag: { default: false }\n\
+         steps:\n  - name: maybe\n    run: 'true'\n    when: flag\n",
+    )
+    .unwrap();
+    let when = |v: &str| load(&recipe, &opts(&[("flag", v)])).map(|p| p.steps[0].when.clone());
+    for (value, expected) in [("false", false), ("no", false), ("0", false), ("", false)] {
+        assert_eq!(
+            when(value).unwrap(),
+            Some(("flag".to_string(), expected)),
+            "{value}"
+        );
+    }
+    for value in ["true", "YES", "1", "on"] {
+        assert_eq!(
+            when(value).unwrap(),
+            Some(("flag".to_string(), true)),
+            "{value}"
+        );
+    }
+    let err = when("maybe").unwrap_err().to_string();
+    assert!(
+        err.contains("r.yaml:9:11") && err.contains("not a boolean"),
+        "{err}"
+    );
+}

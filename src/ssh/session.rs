@@ -103,11 +103,38 @@ impl HostKeyPolicy {
     }
 }
 
+/// The private key to log in with.
+#[derive(Clone)]
+pub enum Identity {
+    /// An OpenSSH private key file (`--identity`).
+    File(PathBuf),
+    /// A key held only in memory (a build's temporary key: never written to disk).
+    Key(Arc<PrivateKey>),
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Identity::File(p) => write!(f, "{}", p.display()),
+            Identity::Key(k) => write!(f, "in-memory {} key", k.algorithm().as_str()),
+        }
+    }
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Identity::File(p) => write!(f, "{}", p.display()),
+            Identity::Key(_) => write!(f, "the build's temporary key"),
+        }
+    }
+}
+
 /// Options for [`Session::connect`].
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
     pub target: Target,
-    pub identity: PathBuf,
+    pub identity: Identity,
     pub host_key: HostKeyPolicy,
     /// Keep trying (refused, reset, not yet authorised) until this much time has passed.
     pub deadline: Duration,
@@ -225,7 +252,10 @@ impl Session {
     /// instance whose cloud-init has not installed the key yet) with backoff until the deadline.
     /// A host key that fails verification is never retried.
     pub async fn connect(opts: &ConnectOptions) -> Result<Session, Error> {
-        let key = Arc::new(load_identity(&opts.identity)?);
+        let key = match &opts.identity {
+            Identity::File(path) => Arc::new(load_identity(path)?),
+            Identity::Key(k) => k.clone(),
+        };
         let start = Instant::now();
         let mut backoff = Duration::from_millis(100);
         let mut attempts = 0;
@@ -317,7 +347,7 @@ impl Session {
                 Error::AuthRejected {
                     target: opts.target.addr(),
                     user: opts.target.user.clone(),
-                    identity: opts.identity.display().to_string(),
+                    identity: opts.identity.to_string(),
                 }
                 .to_string(),
             ));

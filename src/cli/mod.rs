@@ -1,6 +1,8 @@
 //! The command line: arguments (clap) and what each command does. Errors are classified here
 //! into exit codes: 1 runtime failure, 2 bad input (always before any connection), 130 interrupted.
 
+mod build;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -40,6 +42,14 @@ pub enum Command {
     Validate(ValidateArgs),
     /// Run a recipe (steps, then validate) on an existing machine over SSH.
     Apply(ApplyArgs),
+    /// Bake an AMI from a recipe: temporary instance, steps over SSH, snapshot, cleanup.
+    Build(build::BuildArgs),
+    /// Bake the Jenkins controller image (recipes/controller.yaml) for an EFS file system.
+    Controller(build::ControllerArgs),
+    /// Bake the Jenkins agent image (recipes/agent.yaml).
+    Agent(build::AgentArgs),
+    /// Remove what finished or killed builds left behind (found by their jbake tags).
+    Gc(build::GcArgs),
 }
 
 #[derive(Debug, Args)]
@@ -124,7 +134,7 @@ impl std::fmt::Display for Failure {
     }
 }
 
-fn parse_region(s: &str) -> Result<String, String> {
+pub(crate) fn parse_region(s: &str) -> Result<String, String> {
     let ok = regex::Regex::new(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d+$")
         .map(|re| re.is_match(s))
         .unwrap_or(false);
@@ -141,6 +151,10 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Validate(args) => validate(args, cli.output),
         Command::Apply(args) => apply(args, cli.output, cli.quiet).await,
+        Command::Build(args) => build::build_cmd(args, cli.output, cli.quiet).await,
+        Command::Controller(args) => build::controller_cmd(args, cli.output, cli.quiet).await,
+        Command::Agent(args) => build::agent_cmd(args, cli.output, cli.quiet).await,
+        Command::Gc(args) => build::gc_cmd(args, cli.output, cli.quiet).await,
     }
 }
 
@@ -261,7 +275,7 @@ async fn apply(args: ApplyArgs, output: Output, quiet: bool) -> Result<(), Failu
     }
     let connect = ConnectOptions {
         target: args.target.clone(),
-        identity: args.identity.clone(),
+        identity: crate::ssh::Identity::File(args.identity.clone()),
         host_key,
         deadline: args.connect_timeout,
         keepalive: Duration::from_secs(15),
@@ -326,7 +340,7 @@ async fn stop_remote_step(mut connect: ConnectOptions, broker_pid: u32) {
 }
 
 /// Resolves on SIGINT or SIGTERM, saying which.
-async fn interrupted() -> String {
+pub(crate) async fn interrupted() -> String {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

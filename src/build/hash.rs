@@ -1,0 +1,77 @@
+//! The content hash of an image: everything that defines it, and nothing that does not.
+//!
+//! Inputs: jbake's recipe schema and hash format versions, the base AMI id, the recipe's name,
+//! instance settings, every rendered step and check (built with `build_id` and `version` left as
+//! placeholders, so they do not count), the value of every variable (secret values are replaced
+//! by a marker: they must never reach an image anyway), and the bytes of every uploaded file and
+//! folder. Two builds with the same hash produce the same image, so the second is skipped.
+
+use sha2::{Digest, Sha256};
+
+use crate::recipe::{Action, Plan};
+
+/// Bump when the hash's inputs change meaning.
+const HASH_FORMAT: &str = "jbake-content-hash-1";
+
+pub fn content_hash(plan: &Plan, base_ami: &str) -> Result<String, std::io::Error> {
+    let mut h = Sha256::new();
+    let mut field = |name: &str, value: &[u8]| {
+        h.update((name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update((value.len() as u64).to_le_bytes());
+        h.update(value);
+    };
+    field("format", HASH_FORMAT.as_bytes());
+    field("schema", plan.schema_version.to_string().as_bytes());
+    field("base_ami", base_ami.as_bytes());
+    field("name", plan.name.as_bytes());
+    field("instance", format!("{:?}", plan.instance).as_bytes());
+    for v in &plan.vars {
+        let value = if v.secret {
+            "<secret>"
+        } else {
+            v.value.as_str()
+        };
+        field(&format!("var:{}", v.name), value.as_bytes());
+    }
+    let secrets = plan.secrets();
+    for step in plan.all_steps() {
+        // The step as rendered, without where it is written (moving a step between files
+        // changes nothing on the machine).
+        let mut s = step.clone();
+        s.origin.line = 0;
+        s.origin.column = 0;
+        s.origin.file = Default::default();
+        let rendered = crate::util::mask(&format!("{s:?}"), &secrets);
+        field("step", rendered.as_bytes());
+        if let Action::Upload {
+            src,
+            rendered: None,
+            ..
+        } = &step.action
+        {
+            hash_path(src, &mut field)?;
+        }
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+fn hash_path(path: &std::path::Path, field: &mut impl FnMut(&str, &[u8])) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path)?;
+    if meta.is_dir() {
+        let mut entries: Vec<_> = std::fs::read_dir(path)?.collect::<Result<_, _>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            field("entry", e.file_name().to_string_lossy().as_bytes());
+            hash_path(&e.path(), field)?;
+        }
+    } else {
+        field(
+            "mode",
+            format!("{:o}", meta.permissions().mode() & 0o7777).as_bytes(),
+        );
+        field("file", &std::fs::read(path)?);
+    }
+    Ok(())
+}

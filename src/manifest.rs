@@ -1,0 +1,121 @@
+//! The build manifest: one JSON file, a record appended per build (never clobbered), read back
+//! by people, CI and `jbake roll`.
+
+use std::path::Path;
+
+/// One build (or skipped build) in the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Build {
+    pub build_id: String,
+    pub recipe: String,
+    pub name: String,
+    pub ami_id: String,
+    pub region: String,
+    pub version: String,
+    pub content_hash: String,
+    pub base_ami: String,
+    pub jbake_version: String,
+    pub started_at: String,
+    pub finished_at: String,
+    /// True when an image with the same content hash existed and nothing was built.
+    pub skipped_unchanged: bool,
+}
+
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    pub builds: Vec<Build>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read the manifest {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the manifest {path} is not a jbake manifest ({detail}); move it away or pick another --manifest")]
+    Parse { path: String, detail: String },
+    #[error("cannot write the manifest {path}: {source}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Appends `build` to the manifest at `path` (created if missing), atomically.
+pub fn append(path: &Path, build: Build) -> Result<(), Error> {
+    let p = path.display().to_string();
+    let mut manifest = match std::fs::read_to_string(path) {
+        Ok(text) if text.trim().is_empty() => Manifest::default(),
+        Ok(text) => serde_json::from_str::<Manifest>(&text).map_err(|e| Error::Parse {
+            path: p.clone(),
+            detail: e.to_string(),
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Manifest::default(),
+        Err(source) => return Err(Error::Read { path: p, source }),
+    };
+    manifest.builds.push(build);
+    let text = serde_json::to_string_pretty(&manifest).map_err(|e| Error::Parse {
+        path: p.clone(),
+        detail: e.to_string(),
+    })?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let write = || -> std::io::Result<()> {
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        std::io::Write::write_all(&mut tmp, text.as_bytes())?;
+        std::io::Write::write_all(&mut tmp, b"\n")?;
+        tmp.persist(path).map_err(|e| e.error)?;
+        Ok(())
+    };
+    write().map_err(|source| Error::Write { path: p, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(id: &str) -> Build {
+        Build {
+            build_id: id.into(),
+            recipe: "r".into(),
+            name: "r-2026.11.28-1".into(),
+            ami_id: "ami-1".into(),
+            region: "us-east-1".into(),
+            version: "2026.11.28-1".into(),
+            content_hash: "h".into(),
+            base_ami: "ami-0".into(),
+            jbake_version: "0.1.0".into(),
+            started_at: "t0".into(),
+            finished_at: "t1".into(),
+            skipped_unchanged: false,
+        }
+    }
+
+    #[test]
+    fn appends_and_never_clobbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.json");
+        append(&p, build("a")).unwrap();
+        append(&p, build("b")).unwrap();
+        let m: Manifest = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        assert_eq!(
+            m.builds
+                .iter()
+                .map(|b| b.build_id.as_str())
+                .collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        std::fs::write(&p, "not json").unwrap();
+        assert!(matches!(append(&p, build("c")), Err(Error::Parse { .. })));
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            "not json",
+            "a bad file is left alone"
+        );
+    }
+}
