@@ -515,3 +515,88 @@ fn wait_for_output(child: &mut std::process::Child, needle: &str) {
         }
     }
 }
+
+#[test]
+fn through_a_bastion_both_host_keys_are_checked() {
+    if !prereq::quick_tier() {
+        return;
+    }
+    let target = Sshd::start();
+    let bastion = Sshd::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = recipe(
+        dir.path(),
+        &format!(
+            "steps:\n  - name: x\n    run: touch {}/ran\n",
+            target.workdir().display()
+        ),
+    );
+    let via = |bastion_key: &str| {
+        apply(
+            &target,
+            &r,
+            &[
+                "--bastion",
+                &bastion.target(),
+                "--bastion-identity",
+                &bastion.identity().display().to_string(),
+                "--bastion-host-key",
+                bastion_key,
+            ],
+        )
+    };
+    // The bastion presents another key than the pinned one: refused before the tunnel.
+    let out = via(target.host_key());
+    out.assert_code(1);
+    assert!(
+        out.stderr.contains(&format!(
+            "host key verification failed for {}",
+            bastion.target().split('@').nth(1).unwrap_or_default()
+        )),
+        "{}",
+        out.stderr
+    );
+    assert!(!target.workdir().join("ran").exists());
+    // The right keys: the step runs on the target, and the bastion saw the login.
+    via(bastion.host_key()).assert_code(0);
+    assert!(target.workdir().join("ran").exists());
+    assert!(
+        bastion.log_text().contains("Accepted publickey for"),
+        "{}",
+        bastion.log_text()
+    );
+    // A jump host that rejects the key fails at once (no retrying until the deadline).
+    let out = apply(
+        &target,
+        &r,
+        &[
+            "--bastion",
+            &bastion.target(),
+            "--bastion-identity",
+            &target.identity().display().to_string(),
+            "--bastion-host-key",
+            bastion.host_key(),
+            "--connect-timeout",
+            "5m",
+        ],
+    );
+    out.assert_code(1);
+    assert!(
+        out.stderr.contains("did not accept the key"),
+        "{}",
+        out.stderr
+    );
+    // A bastion key file that does not exist is bad input (exit 2), before any connection.
+    let out = apply(
+        &target,
+        &r,
+        &[
+            "--bastion",
+            &bastion.target(),
+            "--bastion-identity",
+            "/nonexistent/key",
+        ],
+    );
+    out.assert_code(2);
+    assert!(out.stderr.contains("--bastion-identity"), "{}", out.stderr);
+}

@@ -28,7 +28,7 @@ use crate::exec::{self, Executor};
 use crate::manifest;
 use crate::progress::Progress;
 use crate::recipe::{self, Action, BaseImage, Builtins, LoadOptions, Origin, Phase, Plan, Step};
-use crate::ssh::{ConnectOptions, HostKeyPolicy, Identity, Target};
+use crate::ssh::{ConnectOptions, HostKeyPolicy, Identity, Jump, Target};
 use crate::util::fmt_duration;
 
 pub use undo::{Resource, Undo};
@@ -82,6 +82,8 @@ pub struct BuildOptions {
     pub ssh_host: Option<String>,
     pub ssh_port: u16,
     pub ssh_cidr: Option<String>,
+    /// Reach the instance through this jump host.
+    pub jump: Option<Jump>,
     pub force: bool,
     pub on_error: OnError,
     pub manifest: PathBuf,
@@ -376,6 +378,7 @@ pub async fn run(
         host_key: HostKeyPolicy::Pinned(host_key.public_key().clone()),
         deadline: opts.connect_timeout,
         keepalive: Duration::from_secs(15),
+        jump: opts.jump.clone(),
     };
     let mut ex = Executor::connect(
         connect,

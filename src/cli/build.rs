@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{interrupted, parse_region, Failure};
+use super::{interrupted, parse_region, BastionArgs, Failure};
 use crate::aws::{Aws, AwsOptions};
 use crate::build::{self, BuildOptions, OnError, SshInterface, Undo};
 use crate::gc;
@@ -64,9 +64,9 @@ pub struct BuildFlags {
     /// Give the build instance this instance profile (for steps that call AWS).
     #[arg(long, value_name = "NAME")]
     pub iam_instance_profile: Option<String>,
-    /// Connect to the instance's public or private IP.
-    #[arg(long, value_enum, default_value = "public")]
-    pub ssh_interface: SshInterface,
+    /// Connect to the instance's public or private IP [default: public; private with --bastion].
+    #[arg(long, value_enum)]
+    pub ssh_interface: Option<SshInterface>,
     /// Connect to this host instead of the instance's IP (a tunnel, a test machine).
     #[arg(long, value_name = "HOST")]
     pub ssh_host: Option<String>,
@@ -95,6 +95,8 @@ pub struct BuildFlags {
     /// How long to wait for the image to become available.
     #[arg(long, value_name = "DURATION", default_value = "60m", value_parser = recipe::parse_duration)]
     pub image_timeout: Duration,
+    #[command(flatten)]
+    pub bastion: BastionArgs,
 }
 
 #[derive(Debug, Args)]
@@ -194,10 +196,20 @@ fn parse_cidr(s: &str) -> Result<String, String> {
     }
 }
 
-fn options(recipe: PathBuf, flags: &BuildFlags, extra_vars: Vec<(String, String)>) -> BuildOptions {
+fn options(
+    recipe: PathBuf,
+    flags: &BuildFlags,
+    extra_vars: Vec<(String, String)>,
+) -> Result<BuildOptions, Failure> {
     let mut vars = extra_vars;
     vars.extend(flags.vars.iter().cloned());
-    BuildOptions {
+    let jump = flags.bastion.jump(None)?;
+    let ssh_interface = flags.ssh_interface.unwrap_or(if jump.is_some() {
+        SshInterface::Private
+    } else {
+        SshInterface::Public
+    });
+    Ok(BuildOptions {
         recipe,
         load: LoadOptions {
             var_files: flags.var_files.clone(),
@@ -213,7 +225,8 @@ fn options(recipe: PathBuf, flags: &BuildFlags, extra_vars: Vec<(String, String)
         instance_type: flags.instance_type.clone(),
         subnet_id: flags.subnet_id.clone(),
         iam_instance_profile: flags.iam_instance_profile.clone(),
-        ssh_interface: flags.ssh_interface,
+        ssh_interface,
+        jump,
         ssh_host: flags.ssh_host.clone(),
         ssh_port: flags.ssh_port,
         ssh_cidr: flags.ssh_cidr.clone(),
@@ -223,11 +236,16 @@ fn options(recipe: PathBuf, flags: &BuildFlags, extra_vars: Vec<(String, String)
         ttl: flags.ttl,
         connect_timeout: flags.connect_timeout,
         image_timeout: flags.image_timeout,
-    }
+    })
 }
 
 pub async fn build_cmd(args: BuildArgs, output: Output, quiet: bool) -> Result<(), Failure> {
-    bake(options(args.recipe, &args.flags, Vec::new()), output, quiet).await
+    bake(
+        options(args.recipe, &args.flags, Vec::new())?,
+        output,
+        quiet,
+    )
+    .await
 }
 
 pub async fn controller_cmd(
@@ -236,11 +254,16 @@ pub async fn controller_cmd(
     quiet: bool,
 ) -> Result<(), Failure> {
     let efs = vec![("efs_id".to_string(), args.efs_id.clone())];
-    bake(options(args.recipe, &args.flags, efs), output, quiet).await
+    bake(options(args.recipe, &args.flags, efs)?, output, quiet).await
 }
 
 pub async fn agent_cmd(args: AgentArgs, output: Output, quiet: bool) -> Result<(), Failure> {
-    bake(options(args.recipe, &args.flags, Vec::new()), output, quiet).await
+    bake(
+        options(args.recipe, &args.flags, Vec::new())?,
+        output,
+        quiet,
+    )
+    .await
 }
 
 /// Runs a build and, whatever happens, its cleanup.

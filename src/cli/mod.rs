@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::exec::Executor;
 use crate::progress::{Output, Progress};
 use crate::recipe::{self, Builtins, LoadOptions, Plan, VarSource};
-use crate::ssh::{ConnectOptions, HostKeyPolicy, Target};
+use crate::ssh::{ConnectOptions, HostKeyPolicy, Jump, Target};
 
 /// Bake Jenkins machine images: YAML recipes run over SSH, fast, with errors you can act on.
 #[derive(Debug, Parser)]
@@ -88,6 +88,69 @@ pub struct ApplyArgs {
     /// How long to keep trying to connect (a machine that is still booting).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = recipe::parse_duration)]
     pub connect_timeout: Duration,
+    #[command(flatten)]
+    pub bastion: BastionArgs,
+}
+
+/// A jump host between jbake and the machine (`ssh -J`).
+#[derive(Debug, Args)]
+pub struct BastionArgs {
+    /// Connect through this jump host: USER@HOST[:PORT]. The machine's own host key is still
+    /// verified end to end.
+    #[arg(long, value_name = "USER@HOST[:PORT]", value_parser = Target::parse)]
+    pub bastion: Option<Target>,
+    /// The private key for the jump host [default: the machine's --identity, when there is one].
+    #[arg(long, value_name = "KEYFILE", requires = "bastion")]
+    pub bastion_identity: Option<PathBuf>,
+    /// Pin the jump host's host key: 'ssh-ed25519 AAAA…'.
+    #[arg(
+        long,
+        value_name = "KEY",
+        requires = "bastion",
+        conflicts_with = "bastion_known_hosts"
+    )]
+    pub bastion_host_key: Option<String>,
+    /// Verify the jump host's key with this known_hosts file [default: ~/.ssh/known_hosts].
+    #[arg(long, value_name = "FILE", requires = "bastion")]
+    pub bastion_known_hosts: Option<PathBuf>,
+}
+
+impl BastionArgs {
+    /// The jump host, checked offline (key file readable, host key given or known_hosts there).
+    pub fn jump(&self, default_identity: Option<&Path>) -> Result<Option<Jump>, Failure> {
+        let Some(target) = &self.bastion else {
+            return Ok(None);
+        };
+        let identity = match (&self.bastion_identity, default_identity) {
+            (Some(p), _) => p.clone(),
+            (None, Some(p)) => p.to_path_buf(),
+            (None, None) => {
+                return Err(Failure::Input(anyhow::anyhow!(
+                    "--bastion needs --bastion-identity KEYFILE (the key the jump host accepts)"
+                )))
+            }
+        };
+        if let Err(e) = std::fs::metadata(&identity) {
+            return Err(Failure::Input(anyhow::anyhow!(
+                "--bastion-identity {}: {e}",
+                identity.display()
+            )));
+        }
+        let host_key = host_key_policy(&HostKeyArgs {
+            host_key: self.bastion_host_key.clone(),
+            known_hosts: self.bastion_known_hosts.clone(),
+            insecure_ignore_host_key: false,
+        })
+        .map_err(|f| match f {
+            Failure::Input(e) => Failure::Input(anyhow::anyhow!("jump host: {e}")),
+            other => other,
+        })?;
+        Ok(Some(Jump {
+            target: target.clone(),
+            identity: crate::ssh::Identity::File(identity),
+            host_key,
+        }))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -279,6 +342,7 @@ async fn apply(args: ApplyArgs, output: Output, quiet: bool) -> Result<(), Failu
         host_key,
         deadline: args.connect_timeout,
         keepalive: Duration::from_secs(15),
+        jump: args.bastion.jump(Some(&args.identity))?,
     };
     let mut progress = Progress::new(output, quiet, plan.secrets());
     let label = args.target.to_string();

@@ -6,7 +6,7 @@ mod session;
 mod shell;
 
 pub use marker::{MarkerScanner, Scanned};
-pub use session::{ConnectOptions, HostKeyPolicy, Identity, Session, Target};
+pub use session::{ConnectOptions, HostKeyPolicy, Identity, Jump, Session, Target};
 pub use shell::{stop_remote, RootShell, Stream};
 
 use std::path::PathBuf;

@@ -140,6 +140,17 @@ pub struct ConnectOptions {
     pub deadline: Duration,
     /// Keepalive interval; the connection is declared dead after 4 unanswered.
     pub keepalive: Duration,
+    /// Reach the target through this jump host (`ssh -J`), e.g. a bastion in the VPC.
+    pub jump: Option<Jump>,
+}
+
+/// A jump host: its own login and its own host key check; the target's connection is tunnelled
+/// through it (a `direct-tcpip` channel), so the target's host key is still verified end to end.
+#[derive(Debug, Clone)]
+pub struct Jump {
+    pub target: Target,
+    pub identity: Identity,
+    pub host_key: HostKeyPolicy,
 }
 
 /// What the server showed and what we concluded, shared with the russh handler.
@@ -216,6 +227,8 @@ impl client::Handler for Client {
 /// One authenticated SSH connection.
 pub struct Session {
     handle: Handle<Client>,
+    /// The jump host's connection, kept open as long as the tunnel through it.
+    jump: Option<Handle<Client>>,
     pub target: Target,
     /// The host key's fingerprint, e.g. `ssh-ed25519 SHA256:…`.
     pub host_key_fingerprint: String,
@@ -244,27 +257,47 @@ fn load_identity(path: &Path) -> Result<PrivateKey, Error> {
 /// Why one attempt failed, and whether trying again can help.
 enum Attempt {
     Retry(String),
+    /// The server refused the key: the target may still be booting (retry), a jump host is not.
+    Rejected(Error),
     Fatal(Error),
+}
+
+fn key_of(identity: &Identity) -> Result<Arc<PrivateKey>, Error> {
+    match identity {
+        Identity::File(path) => Ok(Arc::new(load_identity(path)?)),
+        Identity::Key(k) => Ok(k.clone()),
+    }
+}
+
+/// One hop: who to log in as, how to check the host, and over what.
+struct Hop<'a> {
+    target: &'a Target,
+    identity: &'a Identity,
+    key: &'a Arc<PrivateKey>,
+    policy: &'a HostKeyPolicy,
 }
 
 impl Session {
     /// Connects, retrying refused/reset/timed-out connections and rejected authentication (an
     /// instance whose cloud-init has not installed the key yet) with backoff until the deadline.
-    /// A host key that fails verification is never retried.
+    /// A host key that fails verification is never retried, nor is a jump host that rejects
+    /// its key.
     pub async fn connect(opts: &ConnectOptions) -> Result<Session, Error> {
-        let key = match &opts.identity {
-            Identity::File(path) => Arc::new(load_identity(path)?),
-            Identity::Key(k) => k.clone(),
+        let key = key_of(&opts.identity)?;
+        let jump_key = match &opts.jump {
+            Some(j) => Some(key_of(&j.identity)?),
+            None => None,
         };
         let start = Instant::now();
         let mut backoff = Duration::from_millis(100);
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let last = match Self::attempt(opts, &key).await {
-                Ok((handle, fp)) => {
+            let last = match Self::attempt(opts, &key, jump_key.as_ref()).await {
+                Ok((handle, fp, jump)) => {
                     return Ok(Session {
                         handle,
+                        jump,
                         target: opts.target.clone(),
                         host_key_fingerprint: fp,
                         attempts,
@@ -272,6 +305,7 @@ impl Session {
                 }
                 Err(Attempt::Fatal(e)) => return Err(e),
                 Err(Attempt::Retry(why)) => why,
+                Err(Attempt::Rejected(e)) => e.to_string(),
             };
             let waited = start.elapsed();
             if waited >= opts.deadline {
@@ -294,6 +328,60 @@ impl Session {
     async fn attempt(
         opts: &ConnectOptions,
         key: &Arc<PrivateKey>,
+        jump_key: Option<&Arc<PrivateKey>>,
+    ) -> Result<(Handle<Client>, String, Option<Handle<Client>>), Attempt> {
+        let hop = Hop {
+            target: &opts.target,
+            identity: &opts.identity,
+            key,
+            policy: &opts.host_key,
+        };
+        let (Some(jump), Some(jump_key)) = (&opts.jump, jump_key) else {
+            let (handle, fp) = Self::login(opts, &hop, None).await?;
+            return Ok((handle, fp, None));
+        };
+        let via = Hop {
+            target: &jump.target,
+            identity: &jump.identity,
+            key: jump_key,
+            policy: &jump.host_key,
+        };
+        let (jump_handle, _) = match Self::login(opts, &via, None).await {
+            // The jump host is not booting: a rejected key there is a configuration error.
+            Err(Attempt::Rejected(e)) => return Err(Attempt::Fatal(e)),
+            Err(Attempt::Retry(why)) => {
+                return Err(Attempt::Retry(format!(
+                    "jump host {}: {why}",
+                    jump.target.addr()
+                )))
+            }
+            other => other?,
+        };
+        let channel = jump_handle
+            .channel_open_direct_tcpip(
+                opts.target.host.clone(),
+                u32::from(opts.target.port),
+                "127.0.0.1",
+                0,
+            )
+            .await
+            .map_err(|e| {
+                Attempt::Retry(format!(
+                    "jump host {} could not open a tunnel to {}: {}",
+                    jump.target.addr(),
+                    opts.target.addr(),
+                    describe_connect_error(&e)
+                ))
+            })?;
+        let (handle, fp) = Self::login(opts, &hop, Some(channel.into_stream())).await?;
+        Ok((handle, fp, Some(jump_handle)))
+    }
+
+    /// TCP (or the given tunnel), SSH handshake with host key check, public key login.
+    async fn login(
+        opts: &ConnectOptions,
+        hop: &Hop<'_>,
+        tunnel: Option<russh::ChannelStream<client::Msg>>,
     ) -> Result<(Handle<Client>, String), Attempt> {
         let config = Arc::new(client::Config {
             keepalive_interval: Some(opts.keepalive),
@@ -303,14 +391,21 @@ impl Session {
         });
         let seen = Arc::new(Mutex::new(Seen::default()));
         let handler = Client {
-            target: opts.target.clone(),
-            policy: opts.host_key.clone(),
+            target: hop.target.clone(),
+            policy: hop.policy.clone(),
             seen: seen.clone(),
         };
-        let addr = (opts.target.host.as_str(), opts.target.port);
         let per_attempt = Duration::from_secs(15).min(opts.deadline.max(Duration::from_secs(1)));
-        let connected =
-            tokio::time::timeout(per_attempt, client::connect(config, addr, handler)).await;
+        let connected = match tunnel {
+            None => {
+                let addr = (hop.target.host.as_str(), hop.target.port);
+                tokio::time::timeout(per_attempt, client::connect(config, addr, handler)).await
+            }
+            Some(stream) => {
+                tokio::time::timeout(per_attempt, client::connect_stream(config, stream, handler))
+                    .await
+            }
+        };
         let take_seen = || {
             let mut s = seen.lock().unwrap_or_else(|p| p.into_inner());
             (s.fingerprint.take(), s.rejection.take())
@@ -321,7 +416,7 @@ impl Session {
             Ok(Err(e)) => {
                 if let (_, Some(why)) = take_seen() {
                     return Err(Attempt::Fatal(Error::HostKey {
-                        target: opts.target.addr(),
+                        target: hop.target.addr(),
                         detail: why,
                     }));
                 }
@@ -337,20 +432,17 @@ impl Session {
             .flatten();
         let auth = handle
             .authenticate_publickey(
-                opts.target.user.clone(),
-                PrivateKeyWithHashAlg::new(key.clone(), hash),
+                hop.target.user.clone(),
+                PrivateKeyWithHashAlg::new(hop.key.clone(), hash),
             )
             .await
             .map_err(|e| Attempt::Retry(describe_connect_error(&e)))?;
         if !auth.success() {
-            return Err(Attempt::Retry(
-                Error::AuthRejected {
-                    target: opts.target.addr(),
-                    user: opts.target.user.clone(),
-                    identity: opts.identity.to_string(),
-                }
-                .to_string(),
-            ));
+            return Err(Attempt::Rejected(Error::AuthRejected {
+                target: hop.target.addr(),
+                user: hop.target.user.clone(),
+                identity: hop.identity.to_string(),
+            }));
         }
         Ok((handle, fingerprint))
     }
@@ -362,12 +454,17 @@ impl Session {
         self.handle.channel_open_session().await
     }
 
-    /// Politely closes the connection.
+    /// Politely closes the connection (and the jump host's).
     pub async fn close(self) {
         let _ = self
             .handle
             .disconnect(russh::Disconnect::ByApplication, "", "en")
             .await;
+        if let Some(jump) = self.jump {
+            let _ = jump
+                .disconnect(russh::Disconnect::ByApplication, "", "en")
+                .await;
+        }
     }
 }
 
