@@ -42,6 +42,11 @@ pub fn content_hash(plan: &Plan, base_ami: &str) -> Result<String, std::io::Erro
         s.origin.line = 0;
         s.origin.column = 0;
         s.origin.file = Default::default();
+        // Nor where the checkout is (a cron job may clone afresh each night): the file's bytes
+        // and mode are hashed below, and `dest` says where it goes.
+        if let Action::Upload { src, .. } = &mut s.action {
+            *src = Default::default();
+        }
         let rendered = crate::util::mask(&format!("{s:?}"), &secrets);
         field("step", rendered.as_bytes());
         if let Action::Upload {
@@ -74,4 +79,43 @@ fn hash_path(path: &std::path::Path, field: &mut impl FnMut(&str, &[u8])) -> std
         field("file", &std::fs::read(path)?);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recipe::{load, LoadOptions};
+
+    fn recipe_in(dir: &std::path::Path, file: &str, var: &str) -> String {
+        std::fs::create_dir_all(dir.join("files")).unwrap();
+        std::fs::write(dir.join("files/app.conf"), file).unwrap();
+        std::fs::write(
+            dir.join("r.yaml"),
+            "version: 1\nname: r\nbase: { ami: ami-0123456789abcdef0, ssh_user: admin }\n\
+             vars:\n  v: { default: a }\n  t: { secret: true, default: s3cret }\n\
+             steps:\n  - name: conf\n    upload: { src: app.conf, dest: /etc/app.conf }\n  - name: v\n    run: echo {{ v }}\n",
+        )
+        .unwrap();
+        let opts = LoadOptions {
+            vars: vec![("v".into(), var.into())],
+            ..Default::default()
+        };
+        let plan = load(&dir.join("r.yaml"), &opts).unwrap();
+        content_hash(&plan, "ami-0123456789abcdef0").unwrap()
+    }
+
+    #[test]
+    fn the_hash_changes_with_what_defines_the_image_only() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let base = recipe_in(a.path(), "x=1\n", "a");
+        // The same recipe in another checkout: the same hash.
+        assert_eq!(recipe_in(b.path(), "x=1\n", "a"), base);
+        // One byte of an uploaded file, or a variable: another hash.
+        assert_ne!(recipe_in(b.path(), "x=2\n", "a"), base);
+        assert_ne!(recipe_in(b.path(), "x=1\n", "b"), base);
+        // The base AMI.
+        let plan = load(&a.path().join("r.yaml"), &LoadOptions::default()).unwrap();
+        assert_ne!(content_hash(&plan, "ami-0fffffffffffffff0").unwrap(), base);
+    }
 }
