@@ -15,7 +15,7 @@ use crate::support::sshd::{self, Sshd};
 /// retries off so that one injected fault is one error.
 fn boto(env: &[(String, String)], script: &str) -> Output {
     let prelude = "import boto3, botocore.config, json, sys\n\
-        cfg = botocore.config.Config(retries={'total_max_attempts': 1, 'mode': 'standard'}, connect_timeout=5, read_timeout=10)\n\
+        cfg = botocore.config.Config(retries={'total_max_attempts': 1, 'mode': 'standard'}, connect_timeout=5, read_timeout=60)\n\
         ec2 = boto3.client('ec2', config=cfg)\nssm = boto3.client('ssm', config=cfg)\n";
     let mut cmd = Command::new("python3");
     cmd.arg("-c")

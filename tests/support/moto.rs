@@ -35,7 +35,7 @@ use super::sshd::{self, Sshd, SshdReload};
 pub const REGION: &str = "us-east-1";
 /// The tag jbake puts on everything a build creates.
 pub const BUILD_TAG: &str = "jbake:build-id";
-const START_TIMEOUT: Duration = Duration::from_secs(30);
+const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A python helper of this folder (`awsctl.py`, `fault_proxy.py`).
 fn helper(name: &str) -> PathBuf {
