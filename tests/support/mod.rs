@@ -16,7 +16,9 @@
 
 #![allow(dead_code)] // each test module uses a different part of the harness
 
+pub mod archive;
 pub mod cli;
 pub mod instance;
+pub mod net;
 pub mod prereq;
 pub mod sshd;

@@ -1,0 +1,381 @@
+//! The product's images, proven on the instance tier (a real Debian bookworm booted with
+//! systemd-nspawn): `jbake apply` runs recipes/controller.yaml on a fresh instance, the
+//! instance is stopped and "snapshotted" (its root file system archived, after jbake's image
+//! hygiene), and new instances boot from that archive, with a host folder bound at
+//! JENKINS_HOME standing in for the EFS (NFS cannot be mounted on this kernel).
+//!
+//! The real jenkins.war cannot be downloaded here: the tests build a stand-in
+//! (tests/fixtures/jenkins-standin, a tiny Java HTTP program) with the machine's `javac`,
+//! serve it from an HTTP server on the instance's GATEWAY and pass its SHA-256.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use crate::support::archive;
+use crate::support::cli::{jbake, Run};
+use crate::support::instance::Instance;
+use crate::support::net::{http, FileServer};
+use crate::support::prereq;
+
+const EFS_ID: &str = "fs-0123456789abcdef0";
+const JENKINS_UID: u32 = 3000;
+const JENKINS_VERSION: &str = "2.479.3";
+
+fn prerequisites() -> bool {
+    prereq::instance_tier()
+        & prereq::require(
+            "javac (JDK 17+) for the Jenkins stand-in",
+            prereq::has_program("javac"),
+        )
+        & prereq::require(
+            "jar (JDK) for the Jenkins stand-in",
+            prereq::has_program("jar"),
+        )
+}
+
+/// Builds the stand-in war under `www/<version>/jenkins.war`; returns its SHA-256.
+fn build_standin(work: &Path) -> String {
+    let src =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/jenkins-standin/Jenkins.java");
+    let classes = work.join("classes");
+    let war = work.join("www").join(JENKINS_VERSION).join("jenkins.war");
+    std::fs::create_dir_all(war.parent().expect("parent")).expect("mkdir www");
+    let ok = Command::new("javac")
+        .args(["--release", "17", "-d"])
+        .arg(&classes)
+        .arg(&src)
+        .status()
+        .expect("run javac")
+        .success();
+    assert!(ok, "javac failed");
+    let ok = Command::new("jar")
+        .args(["--create", "--file"])
+        .arg(&war)
+        .args(["--main-class", "Jenkins", "-C"])
+        .arg(&classes)
+        .arg(".")
+        .status()
+        .expect("run jar")
+        .success();
+    assert!(ok, "jar failed");
+    let bytes = std::fs::read(&war).expect("read the war");
+    format!("{:x}", Sha256::digest(&bytes))
+}
+
+/// The file system type the guest sees for a bind mount of `dir` (that of the host folder).
+fn fstype_of(dir: &Path) -> String {
+    let out = Command::new("findmnt")
+        .args(["-n", "-o", "FSTYPE", "--target"])
+        .arg(dir)
+        .output()
+        .expect("run findmnt");
+    let t = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(!t.is_empty(), "no file system type for {}", dir.display());
+    t
+}
+
+fn apply(vm: &Instance, recipe: &str, vars: &[String]) -> Run {
+    let mut cmd = jbake();
+    cmd.args(["apply", recipe, "--target", &vm.target()])
+        .args(["--identity", &vm.identity.display().to_string()])
+        .args([
+            "--host-key",
+            &vm.host_key,
+            "--output",
+            "json",
+            "--region",
+            "us-east-1",
+        ]);
+    for v in vars {
+        cmd.args(["--var", v]);
+    }
+    Run::from_output(cmd.output().expect("run jbake"))
+}
+
+/// Seconds a step named like `name` took, from the JSON events.
+fn step_secs(run: &Run, name: &str) -> f64 {
+    run.events()
+        .iter()
+        .find(|e| {
+            e["event"] == "step_finished" && e["name"].as_str().is_some_and(|n| n.contains(name))
+        })
+        .and_then(|e| e["elapsed_ms"].as_u64())
+        .map(|ms| ms as f64 / 1000.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// Polls `GET /login` on port 8080 like the load balancer's health check.
+fn wait_for_jenkins(vm: &Instance, timeout: Duration) -> crate::support::net::Response {
+    let start = Instant::now();
+    loop {
+        match http("GET", &vm.host, 8080, "/login", "") {
+            Ok(r) if r.status == 200 => return r,
+            other => {
+                if start.elapsed() > timeout {
+                    let journal =
+                        vm.exec("journalctl --no-pager -n 60 -u jenkins -u var-lib-jenkins.mount");
+                    panic!(
+                        "Jenkins did not answer /login on {} within {timeout:?}: {other:?}\n{}",
+                        vm.name,
+                        String::from_utf8_lossy(&journal.stdout)
+                    );
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Builds the controller image once: apply, hygiene, stop, snapshot. Returns the archive.
+fn bake_controller(work: &Path, efs_fstype: &str) -> PathBuf {
+    let sha = build_standin(work);
+    let t = Instant::now();
+    let mut vm = Instance::builder("img-ctl").up();
+    eprintln!("images: build instance up in {:.1?}", t.elapsed());
+    let www = FileServer::start(&vm.gateway, work.join("www"));
+    let vars = [
+        format!("efs_id={EFS_ID}"),
+        format!("jenkins_mirror={}", www.url()),
+        format!("jenkins_war_sha256={sha}"),
+        format!("jenkins_home_fstypes=nfs4 {efs_fstype}"),
+    ];
+
+    // A wrong checksum is refused before anything is installed under the war's name.
+    let t = Instant::now();
+    let run = apply(&vm, "recipes/controller.yaml", &vars);
+    run.assert_code(0);
+    eprintln!(
+        "images: jbake apply controller.yaml in {:.1?} (Java via apt {:.1}s, curl+nfs-common {:.1}s)",
+        t.elapsed(),
+        step_secs(&run, "Install Java"),
+        step_secs(&run, "NFS client")
+    );
+    // Idempotent: a second run changes nothing it does not have to.
+    let again = apply(&vm, "recipes/controller.yaml", &vars);
+    again.assert_code(0);
+    for (n, status) in again.statuses() {
+        assert_ne!(status, "failed", "step {n}: {}", again.stdout);
+    }
+    let bad = apply(
+        &vm,
+        "recipes/controller.yaml",
+        &[
+            vars[0].clone(),
+            vars[1].clone(),
+            format!("jenkins_war_sha256={}", "0".repeat(64)),
+            vars[3].clone(),
+        ],
+    );
+    bad.assert_code(1);
+    assert!(bad.stdout.contains("expected 0000"), "{}", bad.stdout);
+    assert_eq!(
+        vm.exec_ok("sha256sum /usr/share/java/jenkins.war | cut -d' ' -f1"),
+        sha,
+        "the verified war stays in place"
+    );
+
+    // Nothing ran and nothing was mounted at build time.
+    assert_eq!(vm.exec_ok("id -u jenkins"), JENKINS_UID.to_string());
+    assert!(!vm
+        .exec("systemctl is-active --quiet jenkins.service")
+        .status
+        .success());
+    assert_eq!(vm.exec_ok("ls -A /var/lib/jenkins"), "");
+    assert!(!vm.exec("mountpoint -q /var/lib/jenkins").status.success());
+
+    // jbake build's image hygiene (src/build/cloud_init.rs), then the "snapshot".
+    let client_pub =
+        std::fs::read_to_string(vm.identity.with_extension("pub")).unwrap_or_else(|_| {
+            std::fs::read_to_string(format!("{}.pub", vm.identity.display())).expect("client key")
+        });
+    let client_b64 = client_pub
+        .split_whitespace()
+        .nth(1)
+        .expect("key body")
+        .to_string();
+    let hygiene = jbake::build::cloud_init::hygiene_script(&client_b64);
+    vm.exec_ok(&format!("export JBAKE_TMP=/nonexistent\n{hygiene}"));
+    vm.stop();
+    let archive = work.join("controller.tar.zst");
+    let t = Instant::now();
+    vm.snapshot(&archive);
+    eprintln!(
+        "images: snapshot in {:.1?}, {} MB",
+        t.elapsed(),
+        std::fs::metadata(&archive)
+            .map(|m| m.len() / 1_000_000)
+            .unwrap_or(0)
+    );
+    drop(www);
+    vm.down();
+    archive
+}
+
+#[test]
+fn images_controller_serves_the_same_efs_state_on_a_new_instance_and_never_the_local_disk() {
+    if !prerequisites() {
+        return;
+    }
+    let total = Instant::now();
+    let work = tempfile::Builder::new()
+        .prefix("jbake-images-")
+        .tempdir_in("/var/tmp")
+        .expect("tempdir");
+    // The EFS stand-in: a host folder, root-owned like a new EFS's root directory.
+    let efs = work.path().join("efs");
+    std::fs::create_dir(&efs).expect("mkdir efs");
+    Command::new("chmod")
+        .arg("0755")
+        .arg(&efs)
+        .status()
+        .expect("chmod");
+    let archive = bake_controller(work.path(), &fstype_of(&efs));
+
+    // The image carries no private key at all (no host keys, no agent key, no build key).
+    let keys = archive::private_keys(&archive);
+    assert!(keys.is_empty(), "private keys in the image: {keys:?}");
+
+    // Instance A: first boot on the empty EFS.
+    let t = Instant::now();
+    let a = Instance::builder("img-ctl-a")
+        .image(&archive)
+        .bind(&efs, "/var/lib/jenkins")
+        .up();
+    let up = t.elapsed();
+    let login = wait_for_jenkins(&a, Duration::from_secs(90));
+    eprintln!(
+        "images: A sshd after {up:.1?}, Jenkins /login 200 after {:.1?}",
+        t.elapsed()
+    );
+    assert_eq!(login.header("X-Jenkins"), Some("2.479.3-standin"));
+    assert!(
+        login.body.contains(&format!("uid={JENKINS_UID} ")),
+        "{}",
+        login.body
+    );
+    assert!(
+        login.body.contains("home=/var/lib/jenkins"),
+        "{}",
+        login.body
+    );
+    // The heap was sized from the machine's RAM (MaxRAMPercentage=50).
+    let mem_kb: u64 = a
+        .exec_ok("awk '/^MemTotal:/ { print $2 }' /proc/meminfo")
+        .parse()
+        .expect("MemTotal");
+    let heap: u64 = login
+        .header("X-Max-Memory")
+        .and_then(|v| v.parse().ok())
+        .expect("X-Max-Memory");
+    let pct = heap as f64 * 100.0 / (mem_kb as f64 * 1024.0);
+    assert!((35.0..=51.0).contains(&pct), "max heap is {pct:.1}% of RAM");
+    let init = std::fs::read_to_string(efs.join(".jbake-initialised")).expect("first boot marker");
+    assert!(init.contains(&a.name), "{init}");
+    assert_eq!(std::fs::metadata(&efs).expect("efs").uid(), JENKINS_UID);
+    let journal = a.exec_ok("journalctl --no-pager -u jenkins");
+    assert!(journal.contains("was empty: initialised"), "{journal}");
+
+    let created = http(
+        "POST",
+        &a.host,
+        8080,
+        "/createItem?name=hello",
+        "<project>built on A</project>",
+    )
+    .expect("create a job");
+    assert_eq!(created.status, 200, "{created:?}");
+    let job = efs.join("jobs/hello/config.xml");
+    assert_eq!(
+        std::fs::read_to_string(&job).expect("job on EFS"),
+        "<project>built on A</project>"
+    );
+    assert_eq!(std::fs::metadata(&job).expect("job").uid(), JENKINS_UID);
+    // The ASG terminates A.
+    a.down();
+
+    // Instance B: same image, same EFS: the same state, the same owner, nothing re-initialised.
+    let t = Instant::now();
+    let b = Instance::builder("img-ctl-b")
+        .image(&archive)
+        .bind(&efs, "/var/lib/jenkins")
+        .up();
+    wait_for_jenkins(&b, Duration::from_secs(90));
+    eprintln!("images: B Jenkins /login 200 after {:.1?}", t.elapsed());
+    let got = http("GET", &b.host, 8080, "/job/hello/config.xml", "").expect("read the job on B");
+    assert_eq!(
+        (got.status, got.body.as_str()),
+        (200, "<project>built on A</project>")
+    );
+    assert_eq!(
+        std::fs::read_to_string(efs.join(".jbake-initialised")).expect("marker"),
+        init,
+        "a populated EFS is left as it is"
+    );
+    let journal = b.exec_ok("journalctl --no-pager -u jenkins");
+    assert!(journal.contains("is populated"), "{journal}");
+    let starts = std::fs::read_to_string(efs.join("standin-starts.log")).expect("starts log");
+    let lines: Vec<&str> = starts.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            format!("{} uid={JENKINS_UID}", a_name(&init)),
+            format!("{} uid={JENKINS_UID}", b.name)
+        ],
+        "both instances ran Jenkins as uid {JENKINS_UID}"
+    );
+    b.down();
+
+    // Instance C: the EFS is not there. Jenkins stays down; nothing is written locally.
+    let t = Instant::now();
+    let c = Instance::builder("img-ctl-c").image(&archive).up();
+    let state = c.exec("timeout 200 systemctl is-system-running --wait");
+    eprintln!(
+        "images: C (no EFS) booted and settled in {:.1?}: {}",
+        t.elapsed(),
+        String::from_utf8_lossy(&state.stdout).trim()
+    );
+    let active = c.exec("systemctl is-active jenkins.service");
+    assert_ne!(String::from_utf8_lossy(&active.stdout).trim(), "active");
+    assert!(
+        http("GET", &c.host, 8080, "/login", "").is_err(),
+        "nothing listens on 8080"
+    );
+    assert_eq!(
+        c.exec_ok("ls -A /var/lib/jenkins"),
+        "",
+        "nothing written to the local disk"
+    );
+    assert!(!c.exec("test -e /var/cache/jenkins").status.success());
+    let check = c.exec("/usr/local/lib/jbake/jenkins-home-check");
+    assert!(!check.status.success());
+    let why = String::from_utf8_lossy(&check.stderr);
+    assert!(why.contains("is not a mount point"), "{why}");
+    // Even started by hand, jenkins could not write the local mount point (root-owned).
+    assert!(!c
+        .exec("runuser -u jenkins -- touch /var/lib/jenkins/x")
+        .status
+        .success());
+    assert_eq!(
+        c.exec_ok("grep ' /var/lib/jenkins ' /etc/fstab"),
+        format!(
+            "{EFS_ID}.efs.us-east-1.amazonaws.com:/ /var/lib/jenkins nfs4 \
+             nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,noresvport,_netdev,nofail 0 0"
+        )
+    );
+    c.exec_ok("findmnt --verify --tab-file /etc/fstab");
+    c.down();
+    eprintln!("images: controller test in {:.1?}", total.elapsed());
+}
+
+/// The instance name in the first-boot marker ("initialised by NAME (…").
+fn a_name(marker: &str) -> String {
+    marker
+        .strip_prefix("initialised by ")
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_default()
+        .to_string()
+}
