@@ -6,5 +6,6 @@ mod support;
 mod apply;
 mod apply_instance;
 mod harness;
+mod harness_aws;
 mod images;
 mod validate;
