@@ -18,7 +18,8 @@ use sha2::{Digest, Sha256};
 use crate::support::archive;
 use crate::support::cli::{jbake, Run};
 use crate::support::instance::Instance;
-use crate::support::net::{http, FileServer};
+use crate::support::moto::Moto;
+use crate::support::net::{http, FileServer, Forwarder};
 use crate::support::prereq;
 
 const EFS_ID: &str = "fs-0123456789abcdef0";
@@ -27,6 +28,7 @@ const JENKINS_VERSION: &str = "2.479.3";
 
 fn prerequisites() -> bool {
     prereq::instance_tier()
+        & prereq::moto()
         & prereq::require(
             "javac (JDK 17+) for the Jenkins stand-in",
             prereq::has_program("javac"),
@@ -134,7 +136,7 @@ fn wait_for_jenkins(vm: &Instance, timeout: Duration) -> crate::support::net::Re
 fn bake_controller(work: &Path, efs_fstype: &str) -> PathBuf {
     let sha = build_standin(work);
     let t = Instant::now();
-    let mut vm = Instance::builder("img-ctl").up();
+    let vm = Instance::builder("img-ctl").up();
     eprintln!("images: build instance up in {:.1?}", t.elapsed());
     let www = FileServer::start(&vm.gateway, work.join("www"));
     let vars = [
@@ -187,31 +189,10 @@ fn bake_controller(work: &Path, efs_fstype: &str) -> PathBuf {
     assert_eq!(vm.exec_ok("ls -A /var/lib/jenkins"), "");
     assert!(!vm.exec("mountpoint -q /var/lib/jenkins").status.success());
 
-    // jbake build's image hygiene (src/build/cloud_init.rs), then the "snapshot".
-    let client_pub =
-        std::fs::read_to_string(vm.identity.with_extension("pub")).unwrap_or_else(|_| {
-            std::fs::read_to_string(format!("{}.pub", vm.identity.display())).expect("client key")
-        });
-    let client_b64 = client_pub
-        .split_whitespace()
-        .nth(1)
-        .expect("key body")
-        .to_string();
-    let hygiene = jbake::build::cloud_init::hygiene_script(&client_b64);
-    vm.exec_ok(&format!("export JBAKE_TMP=/nonexistent\n{hygiene}"));
-    vm.stop();
-    let archive = work.join("controller.tar.zst");
-    let t = Instant::now();
-    vm.snapshot(&archive);
-    eprintln!(
-        "images: snapshot in {:.1?}, {} MB",
-        t.elapsed(),
-        std::fs::metadata(&archive)
-            .map(|m| m.len() / 1_000_000)
-            .unwrap_or(0)
-    );
+    // jbake build's image hygiene, then the "snapshot".
     drop(www);
-    vm.down();
+    let archive = work.join("controller.tar.zst");
+    snapshot_image(vm, &archive);
     archive
 }
 
@@ -233,6 +214,11 @@ fn images_controller_serves_the_same_efs_state_on_a_new_instance_and_never_the_l
         .arg(&efs)
         .status()
         .expect("chmod");
+    let moto = Moto::start();
+    let reader = ssm_reader(&moto);
+    let (_, _) = keypair(work.path(), "agents");
+    let agents_key = std::fs::read_to_string(work.path().join("agents")).expect("private key");
+    moto.put_parameter("/devops-tools/jenkins/id_rsa", &agents_key, true);
     let archive = bake_controller(work.path(), &fstype_of(&efs));
 
     // The image carries no private key at all (no host keys, no agent key, no build key).
@@ -278,6 +264,30 @@ fn images_controller_serves_the_same_efs_state_on_a_new_instance_and_never_the_l
     assert_eq!(std::fs::metadata(&efs).expect("efs").uid(), JENKINS_UID);
     let journal = a.exec_ok("journalctl --no-pager -u jenkins");
     assert!(journal.contains("was empty: initialised"), "{journal}");
+
+    // The agents' private key: read from SSM at boot (retrying until SSM answers) into
+    // memory, root-owned, readable by jenkins only; never on the EFS.
+    let _fwd = point_ssm_at_moto(&a, &moto, &reader);
+    let took = wait_for_file(
+        &a,
+        "/run/jenkins-secrets/agent-ssh-key",
+        &agents_key,
+        Duration::from_secs(60),
+    );
+    eprintln!("images: A has the agents' key from SSM {took:.1?} after the endpoint was set");
+    assert_eq!(
+        a.exec_ok("stat -c '%U:%G %a' /run/jenkins-secrets/agent-ssh-key /run/jenkins-secrets"),
+        "root:jenkins 440\nroot:jenkins 750"
+    );
+    a.exec_ok("runuser -u jenkins -- head -c 10 /run/jenkins-secrets/agent-ssh-key >/dev/null");
+    assert!(!a
+        .exec("runuser -u nobody -- head -c 10 /run/jenkins-secrets/agent-ssh-key")
+        .status
+        .success());
+    assert!(a
+        .exec("findmnt -n -o FSTYPE --target /run/jenkins-secrets")
+        .stdout
+        .starts_with(b"tmpfs"));
 
     let created = http(
         "POST",
@@ -328,6 +338,16 @@ fn images_controller_serves_the_same_efs_state_on_a_new_instance_and_never_the_l
         "both instances ran Jenkins as uid {JENKINS_UID}"
     );
     b.down();
+    let on_efs = Command::new("grep")
+        .args(["-rl", "PRIVATE KEY"])
+        .arg(&efs)
+        .output()
+        .expect("grep");
+    assert!(
+        on_efs.stdout.is_empty(),
+        "a private key on the EFS: {}",
+        String::from_utf8_lossy(&on_efs.stdout)
+    );
 
     // Instance C: the EFS is not there. Jenkins stays down; nothing is written locally.
     let t = Instant::now();
@@ -369,6 +389,221 @@ fn images_controller_serves_the_same_efs_state_on_a_new_instance_and_never_the_l
     c.exec_ok("findmnt --verify --tab-file /etc/fstab");
     c.down();
     eprintln!("images: controller test in {:.1?}", total.elapsed());
+}
+
+/// A moto IAM user allowed nothing but `ssm:GetParameter`, with IAM authorization on: the
+/// instance's SigV4 signature is checked and it gets no more than the instance role would.
+fn ssm_reader(moto: &Moto) -> (String, String) {
+    let user = moto.iam_user(
+        r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"ssm:GetParameter","Resource":"*"}]}"#,
+    );
+    moto.enable_iam_auth();
+    user
+}
+
+/// Points the instance's SSM reads at moto: a forwarder on its GATEWAY to moto on 127.0.0.1
+/// (only that port), and /etc/default/jbake-ssm with the endpoint and the reader's keys.
+fn point_ssm_at_moto(vm: &Instance, moto: &Moto, reader: &(String, String)) -> Forwarder {
+    let fwd = Forwarder::start(&vm.gateway, moto.port());
+    vm.exec_ok(&format!(
+        "printf 'AWS_REGION=us-east-1\\nAWS_ENDPOINT_URL_SSM={}/\\nAWS_ACCESS_KEY_ID={}\\nAWS_SECRET_ACCESS_KEY={}\\n' \
+         > /etc/default/jbake-ssm && chmod 0600 /etc/default/jbake-ssm",
+        fwd.url(),
+        reader.0,
+        reader.1
+    ));
+    fwd
+}
+
+/// Waits until `cat FILE` in the guest prints `want`; returns how long it took.
+fn wait_for_file(vm: &Instance, file: &str, want: &str, timeout: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let out = vm.exec(&format!("cat {file}"));
+        let got = String::from_utf8_lossy(&out.stdout).to_string();
+        if out.status.success() && got.trim() == want.trim() {
+            return start.elapsed();
+        }
+        if start.elapsed() > timeout {
+            let journal = vm.exec("journalctl --no-pager -n 40 -u 'jbake-*'");
+            panic!(
+                "{file} on {} is not {want:?} after {timeout:?} (it is {got:?})\n{}",
+                vm.name,
+                String::from_utf8_lossy(&journal.stdout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// A fresh ed25519 key pair in `dir`: (private key file, public key line).
+fn keypair(dir: &Path, name: &str) -> (PathBuf, String) {
+    let path = dir.join(name);
+    let ok = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&path)
+        .status()
+        .expect("run ssh-keygen")
+        .success();
+    assert!(ok, "ssh-keygen failed");
+    let public = std::fs::read_to_string(path.with_extension("pub"))
+        .expect("public key")
+        .trim()
+        .to_string();
+    (path, public)
+}
+
+/// Logs in as `user` with `key` (host key pinned) and runs `id -un`.
+fn ssh_as(vm: &Instance, user: &str, key: &Path) -> Option<String> {
+    let out = Command::new("ssh")
+        .arg("-i")
+        .arg(key)
+        .args([
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+        ])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", vm.known_hosts().display()))
+        .arg(format!("{user}@{}", vm.host))
+        .arg("id -un")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run ssh");
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Stops `vm`, runs jbake build's image hygiene first (src/build/cloud_init.rs), and writes
+/// its root file system to `archive`, the "AMI".
+fn snapshot_image(mut vm: Instance, archive: &Path) {
+    let client_pub =
+        std::fs::read_to_string(format!("{}.pub", vm.identity.display())).expect("client key");
+    let client_b64 = client_pub
+        .split_whitespace()
+        .nth(1)
+        .expect("key body")
+        .to_string();
+    let hygiene = jbake::build::cloud_init::hygiene_script(&client_b64);
+    vm.exec_ok(&format!("export JBAKE_TMP=/nonexistent\n{hygiene}"));
+    vm.stop();
+    let t = Instant::now();
+    vm.snapshot(archive);
+    eprintln!(
+        "images: snapshot {} in {:.1?}, {} MB",
+        archive.display(),
+        t.elapsed(),
+        std::fs::metadata(archive)
+            .map(|m| m.len() / 1_000_000)
+            .unwrap_or(0)
+    );
+    vm.down();
+}
+
+#[test]
+fn images_agent_accepts_the_controller_key_from_ssm_and_follows_its_rotation() {
+    if !prerequisites() {
+        return;
+    }
+    let total = Instant::now();
+    let work = tempfile::Builder::new()
+        .prefix("jbake-images-agent-")
+        .tempdir_in("/var/tmp")
+        .expect("tempdir");
+    let moto = Moto::start();
+    let reader = ssm_reader(&moto);
+    let (key1, pub1) = keypair(work.path(), "controller-1");
+    let (key2, pub2) = keypair(work.path(), "controller-2");
+    let param = "/devops-tools/jenkins/id_rsa.pub";
+    moto.put_parameter(param, &pub1, true);
+
+    let vm = Instance::builder("img-agent").up();
+    let t = Instant::now();
+    let run = apply(
+        &vm,
+        "recipes/agent.yaml",
+        // A short list keeps the test quick; the default list is the original's tools.
+        &[
+            "agent_packages=python3 make".into(),
+            "key_refresh_interval=5s".into(),
+        ],
+    );
+    run.assert_code(0);
+    eprintln!(
+        "images: jbake apply agent.yaml in {:.1?} (Java via apt {:.1}s, git and tools {:.1}s)",
+        t.elapsed(),
+        step_secs(&run, "Install Java"),
+        step_secs(&run, "git and the build tools")
+    );
+    assert!(!vm
+        .exec("test -e /home/jenkins/.ssh/authorized_keys")
+        .status
+        .success());
+    let archive = work.path().join("agent.tar.zst");
+    snapshot_image(vm, &archive);
+    let keys = archive::private_keys(&archive);
+    assert!(keys.is_empty(), "private keys in the agent image: {keys:?}");
+
+    // Boot: the key sync retries until it can read SSM, then installs the controller's key.
+    let t = Instant::now();
+    let agent = Instance::builder("img-agent-b").image(&archive).up();
+    let _fwd = point_ssm_at_moto(&agent, &moto, &reader);
+    let took = wait_for_file(
+        &agent,
+        "/home/jenkins/.ssh/authorized_keys",
+        &pub1,
+        Duration::from_secs(60),
+    );
+    eprintln!("images: agent booted, key from SSM after {:.1?} ({took:.1?} after the SSM endpoint was set)", t.elapsed());
+    assert_eq!(
+        agent.exec_ok("stat -c '%U %a' /home/jenkins/.ssh/authorized_keys"),
+        "jenkins 600"
+    );
+    assert_eq!(ssh_as(&agent, "jenkins", &key1).as_deref(), Some("jenkins"));
+
+    // Rotation: a new key in SSM replaces the old one after the next refresh; no rebuild.
+    moto.put_parameter(param, &pub2, true);
+    let took = wait_for_file(
+        &agent,
+        "/home/jenkins/.ssh/authorized_keys",
+        &pub2,
+        Duration::from_secs(60),
+    );
+    eprintln!("images: rotated key in place {took:.1?} after the parameter changed");
+    assert_eq!(ssh_as(&agent, "jenkins", &key2).as_deref(), Some("jenkins"));
+    assert_eq!(
+        ssh_as(&agent, "jenkins", &key1),
+        None,
+        "the old key is refused"
+    );
+
+    // A parameter that is not a public key is refused; the keys in place stay.
+    moto.put_parameter(
+        param,
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n-----END OPENSSH PRIVATE KEY-----",
+        true,
+    );
+    let start = Instant::now();
+    while !agent
+        .exec("journalctl --no-pager -u jbake-agent-key-sync | grep -q 'refusing to write'")
+        .status
+        .success()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the bad value was not refused"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(
+        agent.exec_ok("cat /home/jenkins/.ssh/authorized_keys"),
+        pub2
+    );
+    eprintln!("images: agent test in {:.1?}", total.elapsed());
 }
 
 /// The instance name in the first-boot marker ("initialised by NAME (…").
