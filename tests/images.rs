@@ -358,6 +358,21 @@ fn images_controller_serves_the_same_efs_state_on_a_new_instance_and_never_the_l
         t.elapsed(),
         String::from_utf8_lossy(&state.stdout).trim()
     );
+    // What happened: the EFS mount failed, so jenkins.service failed its dependency.
+    let boot_log = c.exec_ok("journalctl -b --no-pager -o cat");
+    let mount_lines: Vec<&str> = boot_log
+        .lines()
+        .filter(|l| l.contains("var-lib-jenkins.mount") || l.contains("jenkins.service"))
+        .collect();
+    eprintln!(
+        "images: C boot log about the mount and Jenkins:\n  {}",
+        mount_lines.join("\n  ")
+    );
+    assert!(
+        boot_log.contains("Dependency failed for jenkins.service"),
+        "{}",
+        mount_lines.join("\n")
+    );
     let active = c.exec("systemctl is-active jenkins.service");
     assert_ne!(String::from_utf8_lossy(&active.stdout).trim(), "active");
     assert!(
