@@ -629,3 +629,51 @@ fn a_name(marker: &str) -> String {
         .unwrap_or_default()
         .to_string()
 }
+
+/// The archive scan itself finds keys (a scan that finds nothing proves nothing otherwise),
+/// and it ignores text that merely mentions a key, like jbake-ssm-get's own source.
+#[test]
+fn images_private_key_scan_finds_a_key_in_an_archive() {
+    let tools = ["zstd", "tar", "grep", "ssh-keygen"];
+    if !tools
+        .iter()
+        .all(|t| prereq::require(t, prereq::has_program(t)))
+    {
+        return;
+    }
+    let work = tempfile::tempdir().expect("tempdir");
+    let root = work.path().join("root");
+    std::fs::create_dir_all(root.join("etc/ssh")).expect("mkdir");
+    std::fs::create_dir_all(root.join("usr/local/lib/jbake")).expect("mkdir");
+    let (key, _) = keypair(&root.join("etc/ssh"), "ssh_host_ed25519_key");
+    assert!(key.exists());
+    let pem = Command::new("openssl")
+        .args(["genpkey", "-algorithm", "ed25519", "-out"])
+        .arg(root.join("root-key.pem"))
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("files/jbake-ssm-get"),
+        root.join("usr/local/lib/jbake/jbake-ssm-get"),
+    )
+    .expect("copy");
+    let archive = work.path().join("image.tar.zst");
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg("tar -C \"$1\" -cf - . | zstd -q -o \"$2\"")
+        .args([
+            "sh",
+            &root.display().to_string(),
+            &archive.display().to_string(),
+        ])
+        .status()
+        .expect("tar")
+        .success();
+    assert!(ok, "cannot make the archive");
+    let mut want = vec!["etc/ssh/ssh_host_ed25519_key".to_string()];
+    if pem {
+        want.push("root-key.pem".to_string());
+    }
+    assert_eq!(archive::private_keys(&archive), want);
+}
