@@ -19,7 +19,7 @@ use crate::support::archive;
 use crate::support::cli::{jbake, Run};
 use crate::support::instance::Instance;
 use crate::support::moto::Moto;
-use crate::support::net::{http, FileServer, Forwarder};
+use crate::support::net::{http, FileServer, Forwarder, Imds};
 use crate::support::prereq;
 
 const EFS_ID: &str = "fs-0123456789abcdef0";
@@ -267,14 +267,14 @@ fn images_controller_serves_the_same_efs_state_on_a_new_instance_and_never_the_l
 
     // The agents' private key: read from SSM at boot (retrying until SSM answers) into
     // memory, root-owned, readable by jenkins only; never on the EFS.
-    let _fwd = point_ssm_at_moto(&a, &moto, &reader);
+    let _ssm = point_ssm_at_moto_via_imds(&a, &moto, &reader);
     let took = wait_for_file(
         &a,
         "/run/jenkins-secrets/agent-ssh-key",
         &agents_key,
         Duration::from_secs(60),
     );
-    eprintln!("images: A has the agents' key from SSM {took:.1?} after the endpoint was set");
+    eprintln!("images: A has the agents' key from SSM (role credentials from IMDSv2) {took:.1?} after the endpoint was set");
     assert_eq!(
         a.exec_ok("stat -c '%U:%G %a' /run/jenkins-secrets/agent-ssh-key /run/jenkins-secrets"),
         "root:jenkins 440\nroot:jenkins 750"
@@ -428,6 +428,24 @@ fn point_ssm_at_moto(vm: &Instance, moto: &Moto, reader: &(String, String)) -> F
         reader.1
     ));
     fwd
+}
+
+/// Like [`point_ssm_at_moto`], but the way a real instance gets its region and credentials:
+/// from the instance metadata service (IMDSv2, a stand-in on the GATEWAY handing out the
+/// reader's keys as the instance role's); only the SSM endpoint is overridden.
+fn point_ssm_at_moto_via_imds(
+    vm: &Instance,
+    moto: &Moto,
+    reader: &(String, String),
+) -> (Forwarder, Imds) {
+    let fwd = Forwarder::start(&vm.gateway, moto.port());
+    let imds = Imds::start(&vm.gateway, "us-east-1", &reader.0, &reader.1);
+    vm.exec_ok(&format!(
+        "printf 'AWS_ENDPOINT_URL_SSM={}/\\nAWS_EC2_METADATA_SERVICE_ENDPOINT={}\\n' > /etc/default/jbake-ssm",
+        fwd.url(),
+        imds.url()
+    ));
+    (fwd, imds)
 }
 
 /// Waits until `cat FILE` in the guest prints `want`; returns how long it took.

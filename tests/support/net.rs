@@ -219,3 +219,85 @@ pub fn http(
         body: body.to_string(),
     })
 }
+
+/// An EC2 instance metadata service stand-in (IMDSv2 only: a token first, then the
+/// metadata): the region and one instance role whose credentials are the given keys.
+pub struct Imds {
+    acceptor: Acceptor,
+}
+
+impl Imds {
+    pub fn start(bind: &str, region: &str, key_id: &str, secret: &str) -> Imds {
+        let token = format!("imds-token-{}", std::process::id());
+        let region = region.to_string();
+        let creds = serde_json::json!({
+            "Code": "Success",
+            "Type": "AWS-HMAC",
+            "AccessKeyId": key_id,
+            "SecretAccessKey": secret,
+            "Token": "",
+            "Expiration": "2099-01-01T00:00:00Z",
+        })
+        .to_string();
+        let acceptor = Acceptor::start(bind, move |conn| {
+            let _ = serve_imds(conn, &token, &region, &creds);
+        })
+        .unwrap_or_else(|e| panic!("IMDS on {bind}: {e}"));
+        Imds { acceptor }
+    }
+
+    /// `http://ADDR:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.acceptor.addr)
+    }
+}
+
+fn serve_imds(conn: TcpStream, token: &str, region: &str, creds: &str) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut request = String::new();
+    reader.read_line(&mut request)?;
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
+            break;
+        }
+        if let Some((n, v)) = line.split_once(':') {
+            headers.push((n.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let mut parts = request.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, body) = match (method, path) {
+        ("PUT", "/latest/api/token")
+            if header("x-aws-ec2-metadata-token-ttl-seconds").is_some() =>
+        {
+            (200, token.to_string())
+        }
+        ("GET", _) if header("x-aws-ec2-metadata-token") != Some(token) => {
+            (401, String::new()) // IMDSv1 is off, as it should be
+        }
+        ("GET", "/latest/meta-data/placement/region") => (200, region.to_string()),
+        ("GET", "/latest/meta-data/iam/security-credentials/") => {
+            (200, "jbake-test-role".to_string())
+        }
+        ("GET", "/latest/meta-data/iam/security-credentials/jbake-test-role") => {
+            (200, creds.to_string())
+        }
+        _ => (404, String::new()),
+    };
+    let mut conn = conn;
+    write!(
+        conn,
+        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    conn.flush()
+}
