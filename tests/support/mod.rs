@@ -9,6 +9,9 @@
 //! - [`moto`] (AWS tier): a moto server per test, a fault-injecting proxy in
 //!   front of it, and a stand-in for cloud-init that installs the launched
 //!   instance's user-data host key and key pair into an sshd or an instance.
+//! - [`net`]: a file server and a loopback forwarder on an instance's GATEWAY
+//!   (a download site, moto for the guest), and a one-shot HTTP client.
+//! - [`archive`]: looks inside an image archive (private keys).
 //! - [`prereq`]: a test whose prerequisites are missing skips with a reason, or
 //!   panics under `CI=true`.
 //!
@@ -19,8 +22,10 @@
 
 #![allow(dead_code)] // each test module uses a different part of the harness
 
+pub mod archive;
 pub mod cli;
 pub mod instance;
 pub mod moto;
+pub mod net;
 pub mod prereq;
 pub mod sshd;

@@ -1,0 +1,695 @@
+//! The product's images, proven on the instance tier (a real Debian bookworm booted with
+//! systemd-nspawn): `jbake apply` runs recipes/controller.yaml on a fresh instance, the
+//! instance is stopped and "snapshotted" (its root file system archived, after jbake's image
+//! hygiene), and new instances boot from that archive, with a host folder bound at
+//! JENKINS_HOME standing in for the EFS (NFS cannot be mounted on this kernel).
+//!
+//! The real jenkins.war cannot be downloaded here: the tests build a stand-in
+//! (tests/fixtures/jenkins-standin, a tiny Java HTTP program) with the machine's `javac`,
+//! serve it from an HTTP server on the instance's GATEWAY and pass its SHA-256.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use crate::support::archive;
+use crate::support::cli::{jbake, Run};
+use crate::support::instance::Instance;
+use crate::support::moto::Moto;
+use crate::support::net::{http, FileServer, Forwarder, Imds};
+use crate::support::prereq;
+
+const EFS_ID: &str = "fs-0123456789abcdef0";
+const JENKINS_UID: u32 = 3000;
+const JENKINS_VERSION: &str = "2.479.3";
+
+fn prerequisites() -> bool {
+    prereq::instance_tier()
+        & prereq::moto()
+        & prereq::require(
+            "javac (JDK 17+) for the Jenkins stand-in",
+            prereq::has_program("javac"),
+        )
+        & prereq::require(
+            "jar (JDK) for the Jenkins stand-in",
+            prereq::has_program("jar"),
+        )
+}
+
+/// Builds the stand-in war under `www/<version>/jenkins.war`; returns its SHA-256.
+fn build_standin(work: &Path) -> String {
+    let src =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/jenkins-standin/Jenkins.java");
+    let classes = work.join("classes");
+    let war = work.join("www").join(JENKINS_VERSION).join("jenkins.war");
+    std::fs::create_dir_all(war.parent().expect("parent")).expect("mkdir www");
+    let ok = Command::new("javac")
+        .args(["--release", "17", "-d"])
+        .arg(&classes)
+        .arg(&src)
+        .status()
+        .expect("run javac")
+        .success();
+    assert!(ok, "javac failed");
+    let ok = Command::new("jar")
+        .args(["--create", "--file"])
+        .arg(&war)
+        .args(["--main-class", "Jenkins", "-C"])
+        .arg(&classes)
+        .arg(".")
+        .status()
+        .expect("run jar")
+        .success();
+    assert!(ok, "jar failed");
+    let bytes = std::fs::read(&war).expect("read the war");
+    format!("{:x}", Sha256::digest(&bytes))
+}
+
+/// The file system type the guest sees for a bind mount of `dir` (that of the host folder).
+fn fstype_of(dir: &Path) -> String {
+    let out = Command::new("findmnt")
+        .args(["-n", "-o", "FSTYPE", "--target"])
+        .arg(dir)
+        .output()
+        .expect("run findmnt");
+    let t = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(!t.is_empty(), "no file system type for {}", dir.display());
+    t
+}
+
+fn apply(vm: &Instance, recipe: &str, vars: &[String]) -> Run {
+    let mut cmd = jbake();
+    cmd.args(["apply", recipe, "--target", &vm.target()])
+        .args(["--identity", &vm.identity.display().to_string()])
+        .args([
+            "--host-key",
+            &vm.host_key,
+            "--output",
+            "json",
+            "--region",
+            "us-east-1",
+        ]);
+    for v in vars {
+        cmd.args(["--var", v]);
+    }
+    Run::from_output(cmd.output().expect("run jbake"))
+}
+
+/// Seconds a step named like `name` took, from the JSON events.
+fn step_secs(run: &Run, name: &str) -> f64 {
+    run.events()
+        .iter()
+        .find(|e| {
+            e["event"] == "step_finished" && e["name"].as_str().is_some_and(|n| n.contains(name))
+        })
+        .and_then(|e| e["elapsed_ms"].as_u64())
+        .map(|ms| ms as f64 / 1000.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// Polls `GET /login` on port 8080 like the load balancer's health check.
+fn wait_for_jenkins(vm: &Instance, timeout: Duration) -> crate::support::net::Response {
+    let start = Instant::now();
+    loop {
+        match http("GET", &vm.host, 8080, "/login", "") {
+            Ok(r) if r.status == 200 => return r,
+            other => {
+                if start.elapsed() > timeout {
+                    let journal =
+                        vm.exec("journalctl --no-pager -n 60 -u jenkins -u var-lib-jenkins.mount");
+                    panic!(
+                        "Jenkins did not answer /login on {} within {timeout:?}: {other:?}\n{}",
+                        vm.name,
+                        String::from_utf8_lossy(&journal.stdout)
+                    );
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Builds the controller image once: apply, hygiene, stop, snapshot. Returns the archive.
+fn bake_controller(work: &Path, efs_fstype: &str) -> PathBuf {
+    let sha = build_standin(work);
+    let t = Instant::now();
+    let vm = Instance::builder("img-ctl").up();
+    eprintln!("images: build instance up in {:.1?}", t.elapsed());
+    let www = FileServer::start(&vm.gateway, work.join("www"));
+    let vars = [
+        format!("efs_id={EFS_ID}"),
+        format!("jenkins_mirror={}", www.url()),
+        format!("jenkins_war_sha256={sha}"),
+        format!("jenkins_home_fstypes=nfs4 {efs_fstype}"),
+    ];
+
+    // A wrong checksum is refused before anything is installed under the war's name.
+    let t = Instant::now();
+    let run = apply(&vm, "recipes/controller.yaml", &vars);
+    run.assert_code(0);
+    eprintln!(
+        "images: jbake apply controller.yaml in {:.1?} (Java via apt {:.1}s, curl+nfs-common {:.1}s)",
+        t.elapsed(),
+        step_secs(&run, "Install Java"),
+        step_secs(&run, "NFS client")
+    );
+    // Idempotent: a second run changes nothing it does not have to.
+    let again = apply(&vm, "recipes/controller.yaml", &vars);
+    again.assert_code(0);
+    for (n, status) in again.statuses() {
+        assert_ne!(status, "failed", "step {n}: {}", again.stdout);
+    }
+    let bad = apply(
+        &vm,
+        "recipes/controller.yaml",
+        &[
+            vars[0].clone(),
+            vars[1].clone(),
+            format!("jenkins_war_sha256={}", "0".repeat(64)),
+            vars[3].clone(),
+        ],
+    );
+    bad.assert_code(1);
+    assert!(bad.stdout.contains("expected 0000"), "{}", bad.stdout);
+    assert_eq!(
+        vm.exec_ok("sha256sum /usr/share/java/jenkins.war | cut -d' ' -f1"),
+        sha,
+        "the verified war stays in place"
+    );
+
+    // Nothing ran and nothing was mounted at build time.
+    assert_eq!(vm.exec_ok("id -u jenkins"), JENKINS_UID.to_string());
+    assert!(!vm
+        .exec("systemctl is-active --quiet jenkins.service")
+        .status
+        .success());
+    assert_eq!(vm.exec_ok("ls -A /var/lib/jenkins"), "");
+    assert!(!vm.exec("mountpoint -q /var/lib/jenkins").status.success());
+
+    // jbake build's image hygiene, then the "snapshot".
+    drop(www);
+    let archive = work.join("controller.tar.zst");
+    snapshot_image(vm, &archive);
+    archive
+}
+
+#[test]
+fn images_controller_serves_the_same_efs_state_on_a_new_instance_and_never_the_local_disk() {
+    if !prerequisites() {
+        return;
+    }
+    let total = Instant::now();
+    let work = tempfile::Builder::new()
+        .prefix("jbake-images-")
+        .tempdir_in("/var/tmp")
+        .expect("tempdir");
+    // The EFS stand-in: a host folder, root-owned like a new EFS's root directory.
+    let efs = work.path().join("efs");
+    std::fs::create_dir(&efs).expect("mkdir efs");
+    Command::new("chmod")
+        .arg("0755")
+        .arg(&efs)
+        .status()
+        .expect("chmod");
+    let moto = Moto::start();
+    let reader = ssm_reader(&moto);
+    let (_, _) = keypair(work.path(), "agents");
+    let agents_key = std::fs::read_to_string(work.path().join("agents")).expect("private key");
+    moto.put_parameter("/devops-tools/jenkins/id_rsa", &agents_key, true);
+    let archive = bake_controller(work.path(), &fstype_of(&efs));
+
+    // The image carries no private key at all (no host keys, no agent key, no build key).
+    let keys = archive::private_keys(&archive);
+    assert!(keys.is_empty(), "private keys in the image: {keys:?}");
+
+    // Instance A: first boot on the empty EFS.
+    let t = Instant::now();
+    let a = Instance::builder("img-ctl-a")
+        .image(&archive)
+        .bind(&efs, "/var/lib/jenkins")
+        .up();
+    let up = t.elapsed();
+    let login = wait_for_jenkins(&a, Duration::from_secs(90));
+    eprintln!(
+        "images: A sshd after {up:.1?}, Jenkins /login 200 after {:.1?}",
+        t.elapsed()
+    );
+    assert_eq!(login.header("X-Jenkins"), Some("2.479.3-standin"));
+    assert!(
+        login.body.contains(&format!("uid={JENKINS_UID} ")),
+        "{}",
+        login.body
+    );
+    assert!(
+        login.body.contains("home=/var/lib/jenkins"),
+        "{}",
+        login.body
+    );
+    // The heap was sized from the machine's RAM (MaxRAMPercentage=50).
+    let mem_kb: u64 = a
+        .exec_ok("awk '/^MemTotal:/ { print $2 }' /proc/meminfo")
+        .parse()
+        .expect("MemTotal");
+    let heap: u64 = login
+        .header("X-Max-Memory")
+        .and_then(|v| v.parse().ok())
+        .expect("X-Max-Memory");
+    let pct = heap as f64 * 100.0 / (mem_kb as f64 * 1024.0);
+    assert!((35.0..=51.0).contains(&pct), "max heap is {pct:.1}% of RAM");
+    let init = std::fs::read_to_string(efs.join(".jbake-initialised")).expect("first boot marker");
+    assert!(init.contains(&a.name), "{init}");
+    assert_eq!(std::fs::metadata(&efs).expect("efs").uid(), JENKINS_UID);
+    let journal = a.exec_ok("journalctl --no-pager -u jenkins");
+    assert!(journal.contains("was empty: initialised"), "{journal}");
+
+    // The agents' private key: read from SSM at boot (retrying until SSM answers) into
+    // memory, root-owned, readable by jenkins only; never on the EFS.
+    let _ssm = point_ssm_at_moto_via_imds(&a, &moto, &reader);
+    let took = wait_for_file(
+        &a,
+        "/run/jenkins-secrets/agent-ssh-key",
+        &agents_key,
+        Duration::from_secs(60),
+    );
+    eprintln!("images: A has the agents' key from SSM (role credentials from IMDSv2) {took:.1?} after the endpoint was set");
+    assert_eq!(
+        a.exec_ok("stat -c '%U:%G %a' /run/jenkins-secrets/agent-ssh-key /run/jenkins-secrets"),
+        "root:jenkins 440\nroot:jenkins 750"
+    );
+    a.exec_ok("runuser -u jenkins -- head -c 10 /run/jenkins-secrets/agent-ssh-key >/dev/null");
+    assert!(!a
+        .exec("runuser -u nobody -- head -c 10 /run/jenkins-secrets/agent-ssh-key")
+        .status
+        .success());
+    assert!(a
+        .exec("findmnt -n -o FSTYPE --target /run/jenkins-secrets")
+        .stdout
+        .starts_with(b"tmpfs"));
+
+    let created = http(
+        "POST",
+        &a.host,
+        8080,
+        "/createItem?name=hello",
+        "<project>built on A</project>",
+    )
+    .expect("create a job");
+    assert_eq!(created.status, 200, "{created:?}");
+    let job = efs.join("jobs/hello/config.xml");
+    assert_eq!(
+        std::fs::read_to_string(&job).expect("job on EFS"),
+        "<project>built on A</project>"
+    );
+    assert_eq!(std::fs::metadata(&job).expect("job").uid(), JENKINS_UID);
+    // The ASG terminates A.
+    a.down();
+
+    // Instance B: same image, same EFS: the same state, the same owner, nothing re-initialised.
+    let t = Instant::now();
+    let b = Instance::builder("img-ctl-b")
+        .image(&archive)
+        .bind(&efs, "/var/lib/jenkins")
+        .up();
+    wait_for_jenkins(&b, Duration::from_secs(90));
+    eprintln!("images: B Jenkins /login 200 after {:.1?}", t.elapsed());
+    let got = http("GET", &b.host, 8080, "/job/hello/config.xml", "").expect("read the job on B");
+    assert_eq!(
+        (got.status, got.body.as_str()),
+        (200, "<project>built on A</project>")
+    );
+    assert_eq!(
+        std::fs::read_to_string(efs.join(".jbake-initialised")).expect("marker"),
+        init,
+        "a populated EFS is left as it is"
+    );
+    let journal = b.exec_ok("journalctl --no-pager -u jenkins");
+    assert!(journal.contains("is populated"), "{journal}");
+    let starts = std::fs::read_to_string(efs.join("standin-starts.log")).expect("starts log");
+    let lines: Vec<&str> = starts.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            format!("{} uid={JENKINS_UID}", a_name(&init)),
+            format!("{} uid={JENKINS_UID}", b.name)
+        ],
+        "both instances ran Jenkins as uid {JENKINS_UID}"
+    );
+    b.down();
+    let on_efs = Command::new("grep")
+        .args(["-rl", "PRIVATE KEY"])
+        .arg(&efs)
+        .output()
+        .expect("grep");
+    assert!(
+        on_efs.stdout.is_empty(),
+        "a private key on the EFS: {}",
+        String::from_utf8_lossy(&on_efs.stdout)
+    );
+
+    // Instance C: the EFS is not there. Jenkins stays down; nothing is written locally.
+    let t = Instant::now();
+    let c = Instance::builder("img-ctl-c").image(&archive).up();
+    let state = c.exec("timeout 200 systemctl is-system-running --wait");
+    eprintln!(
+        "images: C (no EFS) booted and settled in {:.1?}: {}",
+        t.elapsed(),
+        String::from_utf8_lossy(&state.stdout).trim()
+    );
+    // What happened: the EFS mount failed, so jenkins.service failed its dependency.
+    let boot_log = c.exec_ok("journalctl -b --no-pager -o cat");
+    let mount_lines: Vec<&str> = boot_log
+        .lines()
+        .filter(|l| l.contains("var-lib-jenkins.mount") || l.contains("jenkins.service"))
+        .collect();
+    eprintln!(
+        "images: C boot log about the mount and Jenkins:\n  {}",
+        mount_lines.join("\n  ")
+    );
+    assert!(
+        boot_log.contains("Dependency failed for jenkins.service"),
+        "{}",
+        mount_lines.join("\n")
+    );
+    let active = c.exec("systemctl is-active jenkins.service");
+    assert_ne!(String::from_utf8_lossy(&active.stdout).trim(), "active");
+    assert!(
+        http("GET", &c.host, 8080, "/login", "").is_err(),
+        "nothing listens on 8080"
+    );
+    assert_eq!(
+        c.exec_ok("ls -A /var/lib/jenkins"),
+        "",
+        "nothing written to the local disk"
+    );
+    assert!(!c.exec("test -e /var/cache/jenkins").status.success());
+    let check = c.exec("/usr/local/lib/jbake/jenkins-home-check");
+    assert!(!check.status.success());
+    let why = String::from_utf8_lossy(&check.stderr);
+    assert!(why.contains("is not a mount point"), "{why}");
+    // Even started by hand, jenkins could not write the local mount point (root-owned).
+    assert!(!c
+        .exec("runuser -u jenkins -- touch /var/lib/jenkins/x")
+        .status
+        .success());
+    assert_eq!(
+        c.exec_ok("grep ' /var/lib/jenkins ' /etc/fstab"),
+        format!(
+            "{EFS_ID}.efs.us-east-1.amazonaws.com:/ /var/lib/jenkins nfs4 \
+             nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,noresvport,_netdev,nofail 0 0"
+        )
+    );
+    c.exec_ok("findmnt --verify --tab-file /etc/fstab");
+    c.down();
+    eprintln!("images: controller test in {:.1?}", total.elapsed());
+}
+
+/// A moto IAM user allowed nothing but `ssm:GetParameter`, with IAM authorization on: the
+/// instance's SigV4 signature is checked and it gets no more than the instance role would.
+fn ssm_reader(moto: &Moto) -> (String, String) {
+    let user = moto.iam_user(
+        r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"ssm:GetParameter","Resource":"*"}]}"#,
+    );
+    moto.enable_iam_auth();
+    user
+}
+
+/// Points the instance's SSM reads at moto: a forwarder on its GATEWAY to moto on 127.0.0.1
+/// (only that port), and /etc/default/jbake-ssm with the endpoint and the reader's keys.
+fn point_ssm_at_moto(vm: &Instance, moto: &Moto, reader: &(String, String)) -> Forwarder {
+    let fwd = Forwarder::start(&vm.gateway, moto.port());
+    vm.exec_ok(&format!(
+        "printf 'AWS_REGION=us-east-1\\nAWS_ENDPOINT_URL_SSM={}/\\nAWS_ACCESS_KEY_ID={}\\nAWS_SECRET_ACCESS_KEY={}\\n' \
+         > /etc/default/jbake-ssm && chmod 0600 /etc/default/jbake-ssm",
+        fwd.url(),
+        reader.0,
+        reader.1
+    ));
+    fwd
+}
+
+/// Like [`point_ssm_at_moto`], but the way a real instance gets its region and credentials:
+/// from the instance metadata service (IMDSv2, a stand-in on the GATEWAY handing out the
+/// reader's keys as the instance role's); only the SSM endpoint is overridden.
+fn point_ssm_at_moto_via_imds(
+    vm: &Instance,
+    moto: &Moto,
+    reader: &(String, String),
+) -> (Forwarder, Imds) {
+    let fwd = Forwarder::start(&vm.gateway, moto.port());
+    let imds = Imds::start(&vm.gateway, "us-east-1", &reader.0, &reader.1);
+    vm.exec_ok(&format!(
+        "printf 'AWS_ENDPOINT_URL_SSM={}/\\nAWS_EC2_METADATA_SERVICE_ENDPOINT={}\\n' > /etc/default/jbake-ssm",
+        fwd.url(),
+        imds.url()
+    ));
+    (fwd, imds)
+}
+
+/// Waits until `cat FILE` in the guest prints `want`; returns how long it took.
+fn wait_for_file(vm: &Instance, file: &str, want: &str, timeout: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let out = vm.exec(&format!("cat {file}"));
+        let got = String::from_utf8_lossy(&out.stdout).to_string();
+        if out.status.success() && got.trim() == want.trim() {
+            return start.elapsed();
+        }
+        if start.elapsed() > timeout {
+            let journal = vm.exec("journalctl --no-pager -n 40 -u 'jbake-*'");
+            panic!(
+                "{file} on {} is not {want:?} after {timeout:?} (it is {got:?})\n{}",
+                vm.name,
+                String::from_utf8_lossy(&journal.stdout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// A fresh ed25519 key pair in `dir`: (private key file, public key line).
+fn keypair(dir: &Path, name: &str) -> (PathBuf, String) {
+    let path = dir.join(name);
+    let ok = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&path)
+        .status()
+        .expect("run ssh-keygen")
+        .success();
+    assert!(ok, "ssh-keygen failed");
+    let public = std::fs::read_to_string(path.with_extension("pub"))
+        .expect("public key")
+        .trim()
+        .to_string();
+    (path, public)
+}
+
+/// Logs in as `user` with `key` (host key pinned) and runs `id -un`.
+fn ssh_as(vm: &Instance, user: &str, key: &Path) -> Option<String> {
+    let out = Command::new("ssh")
+        .arg("-i")
+        .arg(key)
+        .args([
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+        ])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", vm.known_hosts().display()))
+        .arg(format!("{user}@{}", vm.host))
+        .arg("id -un")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run ssh");
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Stops `vm`, runs jbake build's image hygiene first (src/build/cloud_init.rs), and writes
+/// its root file system to `archive`, the "AMI".
+fn snapshot_image(mut vm: Instance, archive: &Path) {
+    let client_pub =
+        std::fs::read_to_string(format!("{}.pub", vm.identity.display())).expect("client key");
+    let client_b64 = client_pub
+        .split_whitespace()
+        .nth(1)
+        .expect("key body")
+        .to_string();
+    let hygiene = jbake::build::cloud_init::hygiene_script(&client_b64);
+    vm.exec_ok(&format!("export JBAKE_TMP=/nonexistent\n{hygiene}"));
+    vm.stop();
+    let t = Instant::now();
+    vm.snapshot(archive);
+    eprintln!(
+        "images: snapshot {} in {:.1?}, {} MB",
+        archive.display(),
+        t.elapsed(),
+        std::fs::metadata(archive)
+            .map(|m| m.len() / 1_000_000)
+            .unwrap_or(0)
+    );
+    vm.down();
+}
+
+#[test]
+fn images_agent_accepts_the_controller_key_from_ssm_and_follows_its_rotation() {
+    if !prerequisites() {
+        return;
+    }
+    let total = Instant::now();
+    let work = tempfile::Builder::new()
+        .prefix("jbake-images-agent-")
+        .tempdir_in("/var/tmp")
+        .expect("tempdir");
+    let moto = Moto::start();
+    let reader = ssm_reader(&moto);
+    let (key1, pub1) = keypair(work.path(), "controller-1");
+    let (key2, pub2) = keypair(work.path(), "controller-2");
+    let param = "/devops-tools/jenkins/id_rsa.pub";
+    moto.put_parameter(param, &pub1, true);
+
+    let vm = Instance::builder("img-agent").up();
+    let t = Instant::now();
+    let run = apply(
+        &vm,
+        "recipes/agent.yaml",
+        // The default tool list (the original's: pip, boto3, awscli, ansible, ...): about 50 s
+        // of apt, while the controller test waits out its 90 s mount timeout in parallel.
+        &["key_refresh_interval=5s".into()],
+    );
+    run.assert_code(0);
+    eprintln!(
+        "images: jbake apply agent.yaml in {:.1?} (Java via apt {:.1}s, git and tools {:.1}s)",
+        t.elapsed(),
+        step_secs(&run, "Install Java"),
+        step_secs(&run, "git and the build tools")
+    );
+    assert!(!vm
+        .exec("test -e /home/jenkins/.ssh/authorized_keys")
+        .status
+        .success());
+    let archive = work.path().join("agent.tar.zst");
+    snapshot_image(vm, &archive);
+    let keys = archive::private_keys(&archive);
+    assert!(keys.is_empty(), "private keys in the agent image: {keys:?}");
+
+    // Boot: the key sync retries until it can read SSM, then installs the controller's key.
+    let t = Instant::now();
+    let agent = Instance::builder("img-agent-b").image(&archive).up();
+    let _fwd = point_ssm_at_moto(&agent, &moto, &reader);
+    let took = wait_for_file(
+        &agent,
+        "/home/jenkins/.ssh/authorized_keys",
+        &pub1,
+        Duration::from_secs(60),
+    );
+    eprintln!("images: agent booted, key from SSM after {:.1?} ({took:.1?} after the SSM endpoint was set)", t.elapsed());
+    assert_eq!(
+        agent.exec_ok("stat -c '%U %a' /home/jenkins/.ssh/authorized_keys"),
+        "jenkins 600"
+    );
+    assert_eq!(ssh_as(&agent, "jenkins", &key1).as_deref(), Some("jenkins"));
+
+    // Rotation: a new key in SSM replaces the old one after the next refresh; no rebuild.
+    moto.put_parameter(param, &pub2, true);
+    let took = wait_for_file(
+        &agent,
+        "/home/jenkins/.ssh/authorized_keys",
+        &pub2,
+        Duration::from_secs(60),
+    );
+    eprintln!("images: rotated key in place {took:.1?} after the parameter changed");
+    assert_eq!(ssh_as(&agent, "jenkins", &key2).as_deref(), Some("jenkins"));
+    assert_eq!(
+        ssh_as(&agent, "jenkins", &key1),
+        None,
+        "the old key is refused"
+    );
+
+    // A parameter that is not a public key is refused; the keys in place stay.
+    moto.put_parameter(
+        param,
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n-----END OPENSSH PRIVATE KEY-----",
+        true,
+    );
+    let start = Instant::now();
+    while !agent
+        .exec("journalctl --no-pager -u jbake-agent-key-sync | grep -q 'refusing to write'")
+        .status
+        .success()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the bad value was not refused"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(
+        agent.exec_ok("cat /home/jenkins/.ssh/authorized_keys"),
+        pub2
+    );
+    eprintln!("images: agent test in {:.1?}", total.elapsed());
+}
+
+/// The instance name in the first-boot marker ("initialised by NAME (…").
+fn a_name(marker: &str) -> String {
+    marker
+        .strip_prefix("initialised by ")
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The archive scan itself finds keys (a scan that finds nothing proves nothing otherwise),
+/// and it ignores text that merely mentions a key, like jbake-ssm-get's own source.
+#[test]
+fn images_private_key_scan_finds_a_key_in_an_archive() {
+    let tools = ["zstd", "tar", "grep", "ssh-keygen"];
+    if !tools
+        .iter()
+        .all(|t| prereq::require(t, prereq::has_program(t)))
+    {
+        return;
+    }
+    let work = tempfile::tempdir().expect("tempdir");
+    let root = work.path().join("root");
+    std::fs::create_dir_all(root.join("etc/ssh")).expect("mkdir");
+    std::fs::create_dir_all(root.join("usr/local/lib/jbake")).expect("mkdir");
+    let (key, _) = keypair(&root.join("etc/ssh"), "ssh_host_ed25519_key");
+    assert!(key.exists());
+    let pem = Command::new("openssl")
+        .args(["genpkey", "-algorithm", "ed25519", "-out"])
+        .arg(root.join("root-key.pem"))
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("files/jbake-ssm-get"),
+        root.join("usr/local/lib/jbake/jbake-ssm-get"),
+    )
+    .expect("copy");
+    let archive = work.path().join("image.tar.zst");
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg("tar -C \"$1\" -cf - . | zstd -q -o \"$2\"")
+        .args([
+            "sh",
+            &root.display().to_string(),
+            &archive.display().to_string(),
+        ])
+        .status()
+        .expect("tar")
+        .success();
+    assert!(ok, "cannot make the archive");
+    let mut want = vec!["etc/ssh/ssh_host_ed25519_key".to_string()];
+    if pem {
+        want.push("root-key.pem".to_string());
+    }
+    assert_eq!(archive::private_keys(&archive), want);
+}
