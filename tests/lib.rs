@@ -6,4 +6,5 @@ mod support;
 mod apply;
 mod apply_instance;
 mod harness;
+mod harness_aws;
 mod validate;

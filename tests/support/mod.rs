@@ -6,6 +6,9 @@
 //!   systemd-nspawn in its own network namespace (`scripts/instance`), the
 //!   stand-in for an EC2 instance: real systemd, sshd, sudo, apt (through a proxy),
 //!   reboot.
+//! - [`moto`] (AWS tier): a moto server per test, a fault-injecting proxy in
+//!   front of it, and a stand-in for cloud-init that installs the launched
+//!   instance's user-data host key and key pair into an sshd or an instance.
 //! - [`prereq`]: a test whose prerequisites are missing skips with a reason, or
 //!   panics under `CI=true`.
 //!
@@ -18,5 +21,6 @@
 
 pub mod cli;
 pub mod instance;
+pub mod moto;
 pub mod prereq;
 pub mod sshd;

@@ -108,3 +108,24 @@ pub fn instance_tier() -> bool {
             ),
         ])
 }
+
+/// AWS tier: a moto server (`python3 -m moto.server`) and boto3 for the harness's
+/// helpers (pip: tests/requirements.txt).
+pub fn moto() -> bool {
+    let python = has_program("python3");
+    let modules = python
+        && std::process::Command::new("python3")
+            .args(["-c", "import moto.server, boto3"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+    require_all(&[
+        ("python3", python),
+        (
+            "python modules moto[server] and boto3 (pip install -r tests/requirements.txt)",
+            modules,
+        ),
+    ])
+}

@@ -144,6 +144,30 @@ impl Sshd {
         cmd
     }
 
+    /// Authorizes one more public key (`ssh-ed25519 AAAA…`) for the test user.
+    pub fn authorize(&self, key: &str) {
+        self.reload_handle().authorize(key);
+    }
+
+    /// Replaces the server's ed25519 host key (an OpenSSH private key, PEM text) and
+    /// restarts it on the same port; [`host_key`](Self::host_key) and the known_hosts
+    /// file then show the new key.
+    pub fn set_host_key(&mut self, private_pem: &str) {
+        self.host_key = self.reload_handle().write_host_key(private_pem);
+        self.restart();
+    }
+
+    /// What a background thread needs to change this server's keys while the test
+    /// keeps using the [`Sshd`] (see `moto::CloudInit::for_sshd`).
+    pub fn reload_handle(&self) -> SshdReload {
+        SshdReload {
+            dir: self.dir.path().to_path_buf(),
+            port: self.port,
+            pid: self.pid(),
+            log: Arc::clone(&self.log),
+        }
+    }
+
     /// Kills every session the server forked (all descendants of the listener), as
     /// if the network dropped: clients see their connection end.
     pub fn drop_connections(&self) {
@@ -232,6 +256,90 @@ impl Sshd {
 impl Drop for Sshd {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Changes the keys of a running [`Sshd`] from another thread: files are rewritten
+/// and the server re-reads them on SIGHUP (it re-executes itself with the same PID,
+/// port and log). [`Sshd::host_key`] keeps returning the key it started with.
+#[derive(Debug, Clone)]
+pub struct SshdReload {
+    dir: PathBuf,
+    port: u16,
+    pid: u32,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl SshdReload {
+    /// Appends a public key line to the server's authorized_keys.
+    pub fn authorize(&self, key: &str) {
+        let path = self.dir.join("authorized_keys");
+        let mut file = fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+        writeln!(file, "{}", key.trim())
+            .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    }
+
+    /// Writes the host key files and the known_hosts line; returns the public key
+    /// (`ssh-ed25519 AAAA…`). Does not reload the server.
+    pub fn write_host_key(&self, private_pem: &str) -> String {
+        let key = self.dir.join("host_ed25519");
+        let mut pem = private_pem.trim_end().to_string();
+        pem.push('\n');
+        write_private(&key, &pem);
+        let out = Command::new("ssh-keygen")
+            .arg("-y")
+            .arg("-f")
+            .arg(&key)
+            .output()
+            .expect("run ssh-keygen -y");
+        assert!(
+            out.status.success(),
+            "ssh-keygen -y: the host key is not a valid private key: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let public: String = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ");
+        fs::write(self.dir.join("host_ed25519.pub"), format!("{public}\n"))
+            .expect("write host_ed25519.pub");
+        fs::write(
+            self.dir.join("known_hosts"),
+            format!("[127.0.0.1]:{} {public}\n", self.port),
+        )
+        .expect("write known_hosts");
+        public
+    }
+
+    /// Makes sshd re-read its configuration and host keys (SIGHUP) and waits until it
+    /// listens again.
+    pub fn reload(&self) {
+        let listening = || {
+            self.log
+                .lock()
+                .map(|l| {
+                    l.iter()
+                        .filter(|l| l.starts_with("Server listening on"))
+                        .count()
+                })
+                .unwrap_or(0)
+        };
+        let before = listening();
+        kill(&[self.pid], "HUP");
+        let start = std::time::Instant::now();
+        while listening() <= before {
+            assert!(
+                start.elapsed() < START_TIMEOUT,
+                "sshd (pid {}) did not listen again after SIGHUP; its log:\n{}",
+                self.pid,
+                self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

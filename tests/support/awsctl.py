@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""Test helper: small boto3 calls against a moto server, JSON on stdout.
+
+Usage: awsctl.py COMMAND [JSON_ARGS]. Endpoint, region and credentials come from the
+environment the Rust harness sets (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, ...).
+
+Commands:
+  resources {"region"}                 snapshot of EC2 state (instances, key pairs, ...)
+  recorded {"recording"}               API action names in a moto recording (JSON lines)
+  iam-user {"policy"}                  new IAM user with that inline policy -> access key
+  put-parameter {"name","value","secure"}
+  register-image {"name","tags"}       an AMI (from a fresh snapshot) to use as a base
+  watch {"tag_key"}                    forever: one JSON line per new running instance,
+                                       with its decoded user data and key pair public key
+"""
+
+import base64
+import json
+import sys
+import time
+import uuid
+from urllib.parse import parse_qs
+
+import boto3
+
+
+def client(service, region=None):
+    return boto3.client(service, region_name=region) if region else boto3.client(service)
+
+
+def tags(items):
+    return {t["Key"]: t["Value"] for t in (items or [])}
+
+
+def decode_user_data(ec2, instance_id):
+    try:
+        attr = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
+    except Exception as e:  # noqa: BLE001 - reported, not fatal
+        return None
+    value = (attr.get("UserData") or {}).get("Value")
+    if not value:
+        return None
+    try:
+        return base64.b64decode(value).decode("utf-8", "replace")
+    except Exception:  # noqa: BLE001
+        return value
+
+
+def resources(args):
+    ec2 = client("ec2", args.get("region"))
+    instances = []
+    for page in ec2.get_paginator("describe_instances").paginate():
+        for r in page["Reservations"]:
+            for i in r["Instances"]:
+                instances.append({
+                    "id": i["InstanceId"],
+                    "state": i["State"]["Name"],
+                    "tags": tags(i.get("Tags")),
+                    "image_id": i.get("ImageId"),
+                    "key_name": i.get("KeyName"),
+                    "user_data": decode_user_data(ec2, i["InstanceId"]),
+                })
+    key_pairs = [
+        {"name": k["KeyName"], "id": k.get("KeyPairId"), "tags": tags(k.get("Tags"))}
+        for k in ec2.describe_key_pairs()["KeyPairs"]
+    ]
+    security_groups = [
+        {"id": g["GroupId"], "name": g["GroupName"], "tags": tags(g.get("Tags"))}
+        for g in ec2.describe_security_groups()["SecurityGroups"]
+        if g["GroupName"] != "default"
+    ]
+    images = []
+    for im in ec2.describe_images(Owners=["self"])["Images"]:
+        images.append({
+            "id": im["ImageId"],
+            "name": im.get("Name"),
+            "state": im.get("State"),
+            "tags": tags(im.get("Tags")),
+            "snapshot_ids": [
+                b["Ebs"]["SnapshotId"]
+                for b in im.get("BlockDeviceMappings", [])
+                if b.get("Ebs", {}).get("SnapshotId")
+            ],
+        })
+    snapshots = [
+        {"id": s["SnapshotId"], "tags": tags(s.get("Tags"))}
+        for s in ec2.describe_snapshots(OwnerIds=["self"])["Snapshots"]
+    ]
+    return {
+        "instances": instances,
+        "key_pairs": key_pairs,
+        "security_groups": security_groups,
+        "images": images,
+        "snapshots": snapshots,
+    }
+
+
+def action_of(entry):
+    """The API action of one recorded request: X-Amz-Target (JSON protocol), else the
+    Action of the query string or the form body."""
+    headers = {k.lower(): v for k, v in (entry.get("headers") or {}).items()}
+    target = headers.get("x-amz-target")
+    if target:
+        return target.rsplit(".", 1)[-1]
+    url = entry.get("url") or ""
+    if "?" in url:
+        action = parse_qs(url.split("?", 1)[1]).get("Action")
+        if action:
+            return action[0]
+    body = entry.get("body") or ""
+    if entry.get("body_encoded"):
+        body = base64.b64decode(body).decode("utf-8", "replace")
+    if isinstance(body, bytes):
+        body = body.decode("utf-8", "replace")
+    action = parse_qs(body).get("Action")
+    if action:
+        return action[0]
+    # REST-JSON (e.g. the moto api itself) has no action name: method and path.
+    return f"{entry.get('method')} {url.split('?', 1)[0]}"
+
+
+def recorded(args):
+    actions = []
+    for line in args["recording"].splitlines():
+        line = line.strip()
+        if line:
+            actions.append(action_of(json.loads(line)))
+    return actions
+
+
+def iam_user(args):
+    iam = client("iam")
+    name = args.get("name") or f"jbake-test-{uuid.uuid4().hex[:10]}"
+    iam.create_user(UserName=name)
+    iam.put_user_policy(UserName=name, PolicyName="test", PolicyDocument=args["policy"])
+    key = iam.create_access_key(UserName=name)["AccessKey"]
+    return {"user": name, "access_key": key["AccessKeyId"], "secret": key["SecretAccessKey"]}
+
+
+def put_parameter(args):
+    ssm = client("ssm")
+    out = ssm.put_parameter(
+        Name=args["name"],
+        Value=args["value"],
+        Type="SecureString" if args.get("secure") else "String",
+        Overwrite=True,
+    )
+    return {"version": out.get("Version")}
+
+
+def register_image(args):
+    ec2 = client("ec2", args.get("region"))
+    volume = ec2.create_volume(AvailabilityZone=(args.get("region") or ec2.meta.region_name) + "a", Size=8)
+    snapshot = ec2.create_snapshot(VolumeId=volume["VolumeId"])
+    ec2.delete_volume(VolumeId=volume["VolumeId"])
+    image = ec2.register_image(
+        Name=args["name"],
+        Architecture="x86_64",
+        RootDeviceName="/dev/xvda",
+        VirtualizationType="hvm",
+        BlockDeviceMappings=[{
+            "DeviceName": "/dev/xvda",
+            "Ebs": {"SnapshotId": snapshot["SnapshotId"], "VolumeSize": 8, "VolumeType": "gp3"},
+        }],
+    )
+    tag_list = [{"Key": k, "Value": v} for k, v in (args.get("tags") or {}).items()]
+    if tag_list:
+        ec2.create_tags(Resources=[image["ImageId"]], Tags=tag_list)
+    return {"image_id": image["ImageId"], "snapshot_id": snapshot["SnapshotId"]}
+
+
+def watch(args):
+    ec2 = client("ec2", args.get("region"))
+    tag_key = args.get("tag_key")
+    seen = set()
+    while True:
+        try:
+            filters = [{"Name": "instance-state-name", "Values": ["running"]}]
+            if tag_key:
+                filters.append({"Name": "tag-key", "Values": [tag_key]})
+            reservations = ec2.describe_instances(Filters=filters)["Reservations"]
+            for r in reservations:
+                for i in r["Instances"]:
+                    iid = i["InstanceId"]
+                    if iid in seen:
+                        continue
+                    seen.add(iid)
+                    public_key = None
+                    if i.get("KeyName"):
+                        try:
+                            kp = ec2.describe_key_pairs(
+                                KeyNames=[i["KeyName"]], IncludePublicKey=True
+                            )["KeyPairs"][0]
+                            public_key = kp.get("PublicKey")
+                        except Exception as e:  # noqa: BLE001
+                            print(f"awsctl watch: key pair {i['KeyName']}: {e}", file=sys.stderr)
+                    print(json.dumps({
+                        "instance_id": iid,
+                        "key_name": i.get("KeyName"),
+                        "public_key": public_key,
+                        "user_data": decode_user_data(ec2, iid),
+                        "tags": tags(i.get("Tags")),
+                    }), flush=True)
+        except Exception as e:  # noqa: BLE001 - keep watching (e.g. during a reset)
+            print(f"awsctl watch: {e}", file=sys.stderr, flush=True)
+        time.sleep(float(args.get("interval", 0.1)))
+
+
+COMMANDS = {
+    "resources": resources,
+    "recorded": recorded,
+    "iam-user": iam_user,
+    "put-parameter": put_parameter,
+    "register-image": register_image,
+    "watch": watch,
+}
+
+
+def main():
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        sys.exit(f"usage: awsctl.py {{{'|'.join(COMMANDS)}}} [JSON_ARGS]")
+    args = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
+    if sys.argv[1] == "recorded" and "recording" not in args:
+        args["recording"] = sys.stdin.read()
+    json.dump(COMMANDS[sys.argv[1]](args), sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,848 @@
+//! AWS stand-in: a moto server per test (`python3 -m moto.server`), a fault-injecting
+//! proxy in front of it, and a stand-in for cloud-init on the instances jbake launches.
+//!
+//! ```ignore
+//! let moto = Moto::start();
+//! let mut cmd = cli::jbake(); moto.apply_env(&mut cmd);
+//! moto.start_recording(); /* run jbake */ moto.stop_recording();
+//! assert!(moto.recorded_actions().contains(&"RunInstances".to_string()));
+//! assert!(moto.resources("us-east-1").tagged_with_build("b1").is_empty());
+//! ```
+//!
+//! moto keeps its state in the server process, so every [`Moto`] is its own server
+//! (own port, own recording file in a temp folder): tests never share state. The
+//! harness talks to moto with `tests/support/awsctl.py` (boto3; JSON on stdout) and to
+//! the `/moto-api/` control endpoints with a plain HTTP request. Everything started is
+//! killed by PID on drop, also when the test panics.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use tempfile::TempDir;
+
+use super::instance::Instance;
+use super::sshd::{self, Sshd, SshdReload};
+
+/// Region of the environment [`Moto::env`] sets.
+pub const REGION: &str = "us-east-1";
+/// The tag jbake puts on everything a build creates.
+pub const BUILD_TAG: &str = "jbake:build-id";
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A python helper of this folder (`awsctl.py`, `fault_proxy.py`).
+fn helper(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/support")
+        .join(name)
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local address").port()
+}
+
+/// Last `n` lines of a file, for failure messages.
+fn tail(path: &Path, n: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// One plain HTTP/1.0 request to 127.0.0.1:`port` (no client crate needed, no chunked
+/// answers); returns status and body.
+pub fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &str,
+) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {content_type}\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer)?;
+    let answer = String::from_utf8_lossy(&answer).to_string();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not an HTTP answer: {head:?}"),
+            )
+        })?;
+    Ok((status, body.to_string()))
+}
+
+/// A moto server on 127.0.0.1; killed by PID on drop.
+pub struct Moto {
+    dir: TempDir,
+    port: u16,
+    child: Option<Child>,
+    /// Credentials the harness's own calls use: `testing`, or an admin IAM user
+    /// while IAM authorization is on.
+    creds: Mutex<(String, String)>,
+}
+
+impl Moto {
+    /// Starts a server on a free port (strict AMI and key pair validation on) and
+    /// waits until it answers.
+    pub fn start() -> Moto {
+        let dir = tempfile::Builder::new()
+            .prefix("jbake-moto-")
+            .tempdir()
+            .expect("create the moto temp folder");
+        let mut moto = Moto {
+            dir,
+            port: 0,
+            child: None,
+            creds: Mutex::new(("testing".into(), "testing".into())),
+        };
+        // A free port can be taken by someone else before moto binds it: try again.
+        for _ in 0..5 {
+            if moto.spawn(free_port()) {
+                return moto;
+            }
+        }
+        panic!(
+            "moto did not start; the tail of its log:\n{}",
+            tail(&moto.log_path(), 40)
+        );
+    }
+
+    fn spawn(&mut self, port: u16) -> bool {
+        let log = fs::File::create(self.log_path()).expect("create the moto log");
+        let mut child = Command::new("python3")
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p"])
+            .arg(port.to_string())
+            .current_dir(self.dir.path())
+            .env("MOTO_ENABLE_AMI_VALIDATION", "true")
+            .env("MOTO_ENABLE_KEYPAIR_VALIDATION", "true")
+            .env("MOTO_RECORDER_FILEPATH", self.dir.path().join("recording"))
+            .env_remove("MOTO_ENABLE_RECORDING")
+            .env_remove("INITIAL_NO_AUTH_ACTION_COUNT")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone the log file"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn python3 -m moto.server");
+        let start = Instant::now();
+        while start.elapsed() < START_TIMEOUT {
+            if let Ok(Some(_)) = child.try_wait() {
+                return false; // exited: port taken, or broken (the log says)
+            }
+            if matches!(
+                http(port, "GET", "/moto-api/data.json", "text/plain", ""),
+                Ok((200, _))
+            ) {
+                self.port = port;
+                self.child = Some(child);
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("moto.log")
+    }
+
+    /// The server's log so far (the last lines), for failure messages.
+    pub fn log_tail(&self) -> String {
+        tail(&self.log_path(), 40)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+    /// PID of the server process.
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .map(|c| c.id())
+            .expect("moto is running")
+    }
+    /// `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The environment an AWS client (jbake, the SDK, boto3) needs to talk to this
+    /// server only: fixed `testing` credentials, the region, the endpoint, no instance
+    /// metadata, and config/credentials files that do not exist, so nothing of the
+    /// host's AWS setup leaks in.
+    pub fn env(&self) -> Vec<(String, String)> {
+        self.env_with(&self.endpoint(), "testing", "testing")
+    }
+
+    /// [`env`](Self::env) with another endpoint and credentials (a [`FaultProxy`], an IAM user).
+    pub fn env_with(&self, endpoint: &str, key: &str, secret: &str) -> Vec<(String, String)> {
+        let missing = self.dir.path().join("no-such-aws-file");
+        let missing = missing.display().to_string();
+        [
+            ("AWS_ACCESS_KEY_ID", key),
+            ("AWS_SECRET_ACCESS_KEY", secret),
+            ("AWS_REGION", REGION),
+            ("AWS_DEFAULT_REGION", REGION), // boto3 reads this one, not AWS_REGION
+            ("AWS_ENDPOINT_URL", endpoint),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+            ("AWS_CONFIG_FILE", &missing),
+            ("AWS_SHARED_CREDENTIALS_FILE", &missing),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    /// Sets [`env`](Self::env) on a command and removes the other `AWS_*` variables
+    /// (profile, session token, ...) it would inherit.
+    pub fn apply_env(&self, cmd: &mut Command) {
+        apply(cmd, &self.env());
+    }
+
+    /// POST to a `/moto-api/` endpoint; panics (with the log tail) unless it answers 200.
+    fn api(&self, path: &str, content_type: &str, body: &str) -> String {
+        match http(self.port, "POST", path, content_type, body) {
+            Ok((200, text)) => text,
+            other => panic!(
+                "moto POST {path}: {other:?}; the tail of its log:\n{}",
+                self.log_tail()
+            ),
+        }
+    }
+
+    /// Forgets all state (POST /moto-api/reset); the recording file stays.
+    pub fn reset(&self) {
+        self.api("/moto-api/reset", "application/json", "");
+    }
+
+    /// Starts recording the requests moto receives, from an empty recording.
+    pub fn start_recording(&self) {
+        self.api("/moto-api/recorder/reset-recording", "text/plain", "");
+        self.api("/moto-api/recorder/start-recording", "text/plain", "");
+    }
+
+    pub fn stop_recording(&self) {
+        self.api("/moto-api/recorder/stop-recording", "text/plain", "");
+    }
+
+    /// API action names of the recorded requests, in order ("DescribeImages",
+    /// "RunInstances", "GetParameter", ...): `Action=` of a query/form request, the
+    /// operation of `X-Amz-Target` for JSON-protocol ones.
+    pub fn recorded_actions(&self) -> Vec<String> {
+        let recording = match http(
+            self.port,
+            "GET",
+            "/moto-api/recorder/download-recording",
+            "text/plain",
+            "",
+        ) {
+            Ok((200, text)) => text,
+            other => panic!("moto download-recording: {other:?}"),
+        };
+        let value = self.awsctl_stdin("recorded", serde_json::json!({}), &recording);
+        serde_json::from_value(value).expect("awsctl recorded prints a list of names")
+    }
+
+    /// Runs `awsctl.py COMMAND ARGS` with this server's environment; its JSON output.
+    pub fn awsctl(&self, command: &str, args: serde_json::Value) -> serde_json::Value {
+        self.awsctl_stdin(command, args, "")
+    }
+
+    fn awsctl_stdin(
+        &self,
+        command: &str,
+        args: serde_json::Value,
+        stdin: &str,
+    ) -> serde_json::Value {
+        let (key, secret) = self.creds.lock().expect("creds lock").clone();
+        let mut cmd = Command::new("python3");
+        cmd.arg(helper("awsctl.py"))
+            .arg(command)
+            .arg(args.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        apply(&mut cmd, &self.env_with(&self.endpoint(), &key, &secret));
+        let mut child = cmd.spawn().expect("spawn python3 awsctl.py");
+        let mut input = child.stdin.take().expect("awsctl stdin");
+        input
+            .write_all(stdin.as_bytes())
+            .expect("write to awsctl's stdin");
+        drop(input);
+        let out = child.wait_with_output().expect("wait for awsctl.py");
+        assert!(
+            out.status.success(),
+            "awsctl.py {command} failed: {}\nthe tail of moto's log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "awsctl.py {command} printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// A snapshot of the EC2 state of `region`, for leak assertions.
+    pub fn resources(&self, region: &str) -> Resources {
+        let value = self.awsctl("resources", serde_json::json!({ "region": region }));
+        serde_json::from_value(value).expect("awsctl resources prints Resources")
+    }
+
+    /// Creates an IAM user with `policy_json` as its only (inline) policy; returns
+    /// its access key and secret.
+    pub fn iam_user(&self, policy_json: &str) -> (String, String) {
+        let value = self.awsctl("iam-user", serde_json::json!({ "policy": policy_json }));
+        let get = |k: &str| {
+            value[k]
+                .as_str()
+                .unwrap_or_else(|| panic!("awsctl iam-user printed no {k}: {value}"))
+                .to_string()
+        };
+        (get("access_key"), get("secret"))
+    }
+
+    /// Turns IAM authorization on: from now on every request needs the credentials of
+    /// an IAM user whose policy allows it (`testing` is refused). The harness's own
+    /// calls switch to an admin user created here.
+    pub fn enable_iam_auth(&self) {
+        let admin = self.iam_user(
+            r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"*","Resource":"*"}]}"#,
+        );
+        self.api("/moto-api/reset-auth", "text/plain", "0");
+        *self.creds.lock().expect("creds lock") = admin;
+    }
+
+    /// Turns IAM authorization off again.
+    pub fn disable_iam_auth(&self) {
+        self.api("/moto-api/reset-auth", "text/plain", "inf");
+        *self.creds.lock().expect("creds lock") = ("testing".into(), "testing".into());
+    }
+
+    /// SSM PutParameter (String, or SecureString when `secure`), overwriting.
+    pub fn put_parameter(&self, name: &str, value: &str, secure: bool) {
+        self.awsctl(
+            "put-parameter",
+            serde_json::json!({ "name": name, "value": value, "secure": secure }),
+        );
+    }
+
+    /// Registers an AMI owned by this account (backed by a fresh snapshot), tagged
+    /// with `tags`; returns its id. moto's built-in AMIs also work as a base.
+    pub fn create_image_fixture(&self, name: &str, tags: &[(&str, &str)]) -> String {
+        let tags: BTreeMap<&str, &str> = tags.iter().copied().collect();
+        let value = self.awsctl(
+            "register-image",
+            serde_json::json!({ "name": name, "tags": tags, "region": REGION }),
+        );
+        value["image_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("awsctl register-image printed no image_id: {value}"))
+            .to_string()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Sets `vars` on `cmd` after removing every inherited `AWS_*` variable.
+fn apply(cmd: &mut Command, vars: &[(String, String)]) {
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("AWS_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.envs(vars.iter().map(|(k, v)| (k, v)));
+}
+
+// ------------------------------------------------------------------ resources
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct InstanceInfo {
+    pub id: String,
+    /// pending, running, stopped, terminated, ...
+    pub state: String,
+    pub tags: BTreeMap<String, String>,
+    pub image_id: Option<String>,
+    pub key_name: Option<String>,
+    /// The user data, base64-decoded.
+    pub user_data: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct KeyPairInfo {
+    pub name: String,
+    pub id: Option<String>,
+    pub tags: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SecurityGroupInfo {
+    pub id: String,
+    pub name: String,
+    pub tags: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ImageInfo {
+    pub id: String,
+    pub name: Option<String>,
+    pub state: Option<String>,
+    pub tags: BTreeMap<String, String>,
+    pub snapshot_ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub tags: BTreeMap<String, String>,
+}
+
+/// EC2 state of one region at one moment. Images and snapshots are this account's
+/// (`Owners=self`); note that moto counts the ~1300 snapshots of its built-in AMIs as
+/// this account's: compare snapshots by tag or against an earlier snapshot.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Resources {
+    pub instances: Vec<InstanceInfo>,
+    pub key_pairs: Vec<KeyPairInfo>,
+    /// Without the `default` groups.
+    pub security_groups: Vec<SecurityGroupInfo>,
+    pub images: Vec<ImageInfo>,
+    pub snapshots: Vec<SnapshotInfo>,
+}
+
+impl Resources {
+    /// Instances not terminated (or shutting down).
+    pub fn live_instances(&self) -> Vec<&InstanceInfo> {
+        self.instances
+            .iter()
+            .filter(|i| i.state != "terminated" && i.state != "shutting-down")
+            .collect()
+    }
+
+    /// `kind id` of every still-alive resource tagged `jbake:build-id` = `build_id`
+    /// (instances not terminated, key pairs, security groups, images not
+    /// deregistered, snapshots): empty when a build cleaned up after itself.
+    pub fn tagged_with_build(&self, build_id: &str) -> Vec<String> {
+        let tagged = |tags: &BTreeMap<String, String>| {
+            tags.get(BUILD_TAG).map(String::as_str) == Some(build_id)
+        };
+        let mut found = Vec::new();
+        for i in self.live_instances() {
+            if tagged(&i.tags) {
+                found.push(format!("instance {}", i.id));
+            }
+        }
+        for k in &self.key_pairs {
+            if tagged(&k.tags) {
+                found.push(format!("key-pair {}", k.name));
+            }
+        }
+        for g in &self.security_groups {
+            if tagged(&g.tags) {
+                found.push(format!("security-group {} ({})", g.id, g.name));
+            }
+        }
+        for im in &self.images {
+            if tagged(&im.tags) && im.state.as_deref() != Some("deregistered") {
+                found.push(format!("image {}", im.id));
+            }
+        }
+        for s in &self.snapshots {
+            if tagged(&s.tags) {
+                found.push(format!("snapshot {}", s.id));
+            }
+        }
+        found
+    }
+
+    /// Key pairs whose name starts with `jbake-`.
+    pub fn jbake_key_pairs(&self) -> Vec<&KeyPairInfo> {
+        self.key_pairs
+            .iter()
+            .filter(|k| k.name.starts_with("jbake-"))
+            .collect()
+    }
+
+    /// Security groups whose name starts with `jbake-`.
+    pub fn jbake_security_groups(&self) -> Vec<&SecurityGroupInfo> {
+        self.security_groups
+            .iter()
+            .filter(|g| g.name.starts_with("jbake-"))
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------- fault proxy
+
+/// One request the [`FaultProxy`] saw.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ProxyLogEntry {
+    /// The API action ("" when the request had none).
+    pub action: String,
+    /// True when the proxy answered with an error or dropped the connection.
+    pub fault: bool,
+}
+
+/// A reverse proxy in front of moto that injects faults (`fault_proxy.py`); killed by
+/// PID on drop. Point clients at [`endpoint`](Self::endpoint), e.g. with
+/// `moto.env_with(&proxy.endpoint(), "testing", "testing")`.
+pub struct FaultProxy {
+    port: u16,
+    child: Child,
+}
+
+impl FaultProxy {
+    /// Starts the proxy on a free 127.0.0.1 port, forwarding to `upstream_endpoint`.
+    pub fn start(upstream_endpoint: &str) -> FaultProxy {
+        let mut child = Command::new("python3")
+            .arg(helper("fault_proxy.py"))
+            .arg(upstream_endpoint)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn python3 fault_proxy.py");
+        let stdout = child.stdout.take().expect("fault proxy stdout");
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let Some(port) = line
+            .strip_prefix("LISTENING ")
+            .and_then(|p| p.trim().parse().ok())
+        else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("fault_proxy.py did not start (it printed {line:?}; its stderr is above)");
+        };
+        FaultProxy { port, child }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Replaces the rules: a JSON list of `{"action", "status", "code", "message",
+    /// "times", "delay_ms", "drop"}` (see fault_proxy.py). `"[]"` forwards everything.
+    pub fn set(&self, rules_json: &str) {
+        match http(
+            self.port,
+            "POST",
+            "/__fault__/rules",
+            "application/json",
+            rules_json,
+        ) {
+            Ok((200, _)) => {}
+            other => panic!("fault proxy: setting rules {rules_json}: {other:?}"),
+        }
+    }
+
+    /// Every request seen so far, in order.
+    pub fn log(&self) -> Vec<ProxyLogEntry> {
+        match http(self.port, "GET", "/__fault__/log", "text/plain", "") {
+            Ok((200, text)) => serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("fault proxy log is not JSON ({e}): {text}")),
+            other => panic!("fault proxy: reading the log: {other:?}"),
+        }
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ----------------------------------------------------------------- cloud-init
+
+/// An instance [`CloudInit`] has served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Served {
+    pub instance_id: String,
+    /// The host key installed from the user data: `ssh-ed25519 AAAA…`.
+    pub host_public_key: String,
+}
+
+/// What cloud-init needs from one launched instance.
+#[derive(Debug, Deserialize)]
+struct Launched {
+    instance_id: String,
+    public_key: Option<String>,
+    user_data: Option<String>,
+}
+
+/// Where the keys go.
+enum Target {
+    Sshd(SshdReload),
+    Instance { name: String, user: String },
+}
+
+/// Plays cloud-init for the instances launched in moto: a background watcher
+/// (`awsctl.py watch`, polling every 100 ms) reports every new running instance; for
+/// each one the user data's `ssh_keys.ed25519_private` becomes the host key of the
+/// stand-in server and the instance's key pair public key is authorized for its
+/// login user, then sshd reloads. Stops (watcher killed by PID) on drop.
+pub struct CloudInit {
+    watcher: Child,
+    served: Arc<Mutex<Vec<Served>>>,
+    errors: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CloudInit {
+    /// Serves instances into the quick-tier `sshd` (for its user `jbake-test`).
+    /// After the first one, connect with the key pair's private key and a known_hosts
+    /// pinned to the user-data host key ([`Served::host_public_key`]); the
+    /// `Sshd::known_hosts` file is rewritten with it, but `Sshd::host_key` keeps the
+    /// key it started with.
+    pub fn for_sshd(moto: &Moto, sshd: &mut Sshd) -> CloudInit {
+        Self::start(moto, None, Target::Sshd(sshd.reload_handle()))
+    }
+
+    /// Serves instances into a booted nspawn [`Instance`] (for its login user).
+    pub fn for_instance(moto: &Moto, instance: &Instance) -> CloudInit {
+        Self::start(
+            moto,
+            None,
+            Target::Instance {
+                name: instance.name.clone(),
+                user: instance.user.clone(),
+            },
+        )
+    }
+
+    /// Serves only instances tagged with `jbake:build-id` (any value), and into `sshd`.
+    pub fn for_sshd_tagged(moto: &Moto, sshd: &mut Sshd) -> CloudInit {
+        Self::start(moto, Some(BUILD_TAG), Target::Sshd(sshd.reload_handle()))
+    }
+
+    fn start(moto: &Moto, tag_key: Option<&str>, target: Target) -> CloudInit {
+        let (key, secret) = moto.creds.lock().expect("creds lock").clone();
+        let mut cmd = Command::new("python3");
+        cmd.arg(helper("awsctl.py"))
+            .arg("watch")
+            .arg(
+                serde_json::json!({ "tag_key": tag_key, "region": REGION, "interval": 0.1 })
+                    .to_string(),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        apply(&mut cmd, &moto.env_with(&moto.endpoint(), &key, &secret));
+        let mut watcher = cmd.spawn().expect("spawn python3 awsctl.py watch");
+        let stdout = watcher.stdout.take().expect("watcher stdout");
+        let served = Arc::new(Mutex::new(Vec::new()));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (served, errors, stop) = (served.clone(), errors.clone(), stop.clone());
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let result = serde_json::from_str::<Launched>(&line)
+                        .map_err(|e| format!("watcher printed {line:?}: {e}"))
+                        .and_then(|launched| serve(&target, &launched));
+                    match result {
+                        Ok(s) => served.lock().expect("served lock").push(s),
+                        Err(e) => {
+                            eprintln!("CloudInit: {e}");
+                            errors.lock().expect("errors lock").push(e);
+                        }
+                    }
+                }
+            })
+        };
+        CloudInit {
+            watcher,
+            served,
+            errors,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The instances served so far, in order.
+    pub fn served(&self) -> Vec<Served> {
+        self.served.lock().expect("served lock").clone()
+    }
+
+    /// Instances that could not be served (no user data, no key pair, ...).
+    pub fn errors(&self) -> Vec<String> {
+        self.errors.lock().expect("errors lock").clone()
+    }
+
+    /// Waits until at least one instance is served; returns the last one served.
+    pub fn wait_served(&self, timeout: Duration) -> Served {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.served().last() {
+                return s.clone();
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "CloudInit served no instance within {timeout:?}; errors: {:?}",
+                self.errors()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for CloudInit {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.watcher.kill();
+        let _ = self.watcher.wait();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join(); // its stdout is closed now: the loop ends
+        }
+    }
+}
+
+/// The ed25519 host key pair in a cloud-config's `ssh_keys:` (as jbake writes it:
+/// `ed25519_private: |` with the PEM indented below, `ed25519_public: ssh-ed25519 …`).
+pub fn user_data_host_key(cloud_config: &str) -> Option<(String, String)> {
+    let mut private = String::new();
+    let mut public = None;
+    let mut lines = cloud_config.lines().peekable();
+    while let Some(line) = lines.next() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with("ed25519_private:") {
+            let indent = line.len() - trimmed.len();
+            while let Some(next) = lines.peek() {
+                let next_indent = next.len() - next.trim_start().len();
+                if next.trim().is_empty() || next_indent <= indent {
+                    break;
+                }
+                private.push_str(next.trim());
+                private.push('\n');
+                lines.next();
+            }
+        } else if let Some(rest) = trimmed.strip_prefix("ed25519_public:") {
+            public = Some(rest.trim().to_string());
+        }
+    }
+    if private.contains("PRIVATE KEY") {
+        Some((private, public.unwrap_or_default()))
+    } else {
+        None
+    }
+}
+
+fn serve(target: &Target, launched: &Launched) -> Result<Served, String> {
+    let id = &launched.instance_id;
+    let user_data = launched
+        .user_data
+        .as_deref()
+        .ok_or_else(|| format!("{id}: no user data"))?;
+    let (private, _) = user_data_host_key(user_data)
+        .ok_or_else(|| format!("{id}: no ssh_keys.ed25519_private in the user data"))?;
+    let client_key = launched.public_key.as_deref().map(str::trim);
+    let host_public_key = match target {
+        Target::Sshd(sshd) => {
+            let public = sshd.write_host_key(&private);
+            if let Some(key) = client_key {
+                sshd.authorize(key);
+            }
+            sshd.reload();
+            public
+        }
+        Target::Instance { name, user } => serve_instance(name, user, &private, client_key)?,
+    };
+    Ok(Served {
+        instance_id: id.clone(),
+        host_public_key,
+    })
+}
+
+/// Installs the host key and the authorized key in a booted nspawn instance (through
+/// `scripts/instance exec`, as root) and reloads its sshd.
+fn serve_instance(
+    name: &str,
+    user: &str,
+    private: &str,
+    client_key: Option<&str>,
+) -> Result<String, String> {
+    let quote = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
+    let mut script = format!(
+        "set -e\numask 077\nprintf '%s\\n' {pem} > /etc/ssh/ssh_host_ed25519_key\n\
+         ssh-keygen -y -f /etc/ssh/ssh_host_ed25519_key > /etc/ssh/ssh_host_ed25519_key.pub\n\
+         chmod 0644 /etc/ssh/ssh_host_ed25519_key.pub\n",
+        pem = quote(private.trim_end())
+    );
+    if let Some(key) = client_key {
+        script.push_str(&format!(
+            "home=$(getent passwd {u} | cut -d: -f6)\nmkdir -p \"$home/.ssh\"\n\
+             printf '%s\\n' {k} >> \"$home/.ssh/authorized_keys\"\n\
+             chown -R {u}: \"$home/.ssh\"\nchmod 0700 \"$home/.ssh\"\nchmod 0600 \"$home/.ssh/authorized_keys\"\n",
+            u = quote(user),
+            k = quote(key)
+        ));
+    }
+    script.push_str(
+        "systemctl reload ssh 2>/dev/null || systemctl reload sshd 2>/dev/null || pkill -HUP -x sshd\n\
+         cat /etc/ssh/ssh_host_ed25519_key.pub\n",
+    );
+    let out = Command::new(super::instance::script())
+        .args(["exec", name, "--", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("run scripts/instance exec: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "installing the keys in {name} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let public = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    Ok(public)
+}
+
+/// `type base64` of an OpenSSH public key file, re-exported for tests.
+pub fn public_key(path: &Path) -> String {
+    sshd::public_key(path)
+}
