@@ -7,4 +7,5 @@ mod apply;
 mod apply_instance;
 mod harness;
 mod harness_aws;
+mod roll;
 mod validate;

@@ -94,9 +94,6 @@ async fn check(aws: &Aws, jenkins: &Jenkins, e: &Expect<'_>) -> Result<Poll<Serv
             i.id, i.image_id, e.ami
         ));
     }
-    if i.state != "running" {
-        return pending(format!("{} is {}", i.id, i.state));
-    }
     for (arn, name) in e.target_groups {
         let health = match aws.elb.target_health(arn).await {
             Ok(h) => h,
@@ -118,6 +115,9 @@ async fn check(aws: &Aws, jenkins: &Jenkins, e: &Expect<'_>) -> Result<Poll<Serv
             }
             Some(_) => {}
         }
+    }
+    if i.state != "running" {
+        return pending(format!("{} is {}", i.id, i.state));
     }
     let login = match jenkins.login().await {
         Ok(l) => l,
