@@ -228,6 +228,15 @@ fn controller_tags<'a>(version: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&
 
 /// moto with the controller's infrastructure; the group runs the older controller image.
 fn fixture(group_version: &str) -> Fixture {
+    // A shared CARGO_TARGET_DIR holds one debug/jbake: say so when it is another checkout's.
+    let help = cli::run(&["roll", "--help"]);
+    assert_eq!(
+        help.code,
+        0,
+        "{} has no `roll` command: it was linked from another checkout sharing the target \
+         folder; `touch src/main.rs` and run the tests again",
+        env!("CARGO_BIN_EXE_jbake")
+    );
     let moto = Moto::start();
     let env = moto.env();
     let old_ami = moto.create_image_fixture(
@@ -631,7 +640,9 @@ fn roll_ctrl_c_before_replacement_leaves_the_group_as_it_was() {
     );
     let calls = f.jenkins.calls();
     assert!(index_of(&calls, "POST /quietDown") < index_of(&calls, "POST /cancelQuietDown"));
-    assert_untouched(&f, "$Latest");
+    // $Latest now means the new, unused version: the group names the version it meant.
+    assert!(run.stderr.contains("it named $Latest"), "{}", run.stderr);
+    assert_untouched(&f, "1");
 }
 
 #[test]

@@ -130,7 +130,7 @@ impl LaunchTemplates {
                 _ => break,
             }
         }
-        all.sort_by(|a, b| b.number.cmp(&a.number));
+        all.sort_by_key(|v| std::cmp::Reverse(v.number));
         Ok(all)
     }
 

@@ -21,7 +21,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::aws::{self, Aws, AwsOptions};
-use crate::build::tags;
 use crate::progress::Progress;
 use crate::util::fmt_duration;
 
@@ -99,11 +98,14 @@ pub struct Rolled {
 /// Where a roll is, for the interrupt handler and the drain timeout.
 #[derive(Debug, Clone, Default)]
 pub struct JournalState {
-    /// `(group, template_id, version as the group named it)` before jbake changed it.
+    /// `(group, template_id, version to put back)`: the version as the group named it, except
+    /// `$Latest`, which now means the new version: then the number it meant.
     pub group_was: Option<(String, String, String)>,
     /// `(template_id, default version)` before jbake changed it.
     pub default_was: Option<(String, i64)>,
     pub new_version: Option<i64>,
+    /// The group named `$Latest` before the roll.
+    pub group_named_latest: bool,
     pub quiet_down: bool,
     /// Set just before the old instance is terminated.
     pub replaced: Option<Replaced>,
@@ -310,10 +312,15 @@ pub async fn restore_before_replace(
     if let Some((group, template, version)) = &j.group_was {
         match aws.asg.set_template_version(group, template, version).await {
             Ok(()) => {
+                let pinned = if j.group_named_latest {
+                    " (it named $Latest, which is now the unused new version: it names the version $Latest meant before explicitly)"
+                } else {
+                    ""
+                };
                 progress.info(
                     "restored",
                     &format!(
-                        "group {group} is back on launch template {template} version {version}"
+                        "group {group} is back on launch template {template} version {version}{pinned}"
                     ),
                 );
                 journal.update(|j| j.group_was = None);
@@ -409,10 +416,16 @@ pub async fn execute(
     journal.update(|j| j.default_was = Some((template.clone(), d.default_version)));
     aws.lt.set_default_version(template, new_version).await?;
     journal.update(|j| {
+        let latest = d.template.version == "$Latest";
+        j.group_named_latest = latest;
         j.group_was = Some((
             d.group.name.clone(),
             template.clone(),
-            d.template.version.clone(),
+            if latest {
+                d.current.number.to_string()
+            } else {
+                d.template.version.clone()
+            },
         ))
     });
     if let Err(e) = aws
@@ -508,7 +521,7 @@ pub async fn execute(
             downtime_ms: before.map(|b| s.first_good.duration_since(b).as_millis()),
         }),
         // 8. Roll back.
-        Err(why) => Err(rollback(opts, aws, p, journal, progress, &replaced, &why, before).await),
+        Err(why) => Err(rollback(opts, aws, p, journal, progress, &replaced, &why).await),
     }
 }
 
@@ -598,7 +611,6 @@ async fn drain(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn rollback(
     opts: &RollOptions,
     aws: &Aws,
@@ -607,7 +619,6 @@ async fn rollback(
     progress: &Progress,
     r: &Replaced,
     why: &str,
-    _before: Option<Instant>,
 ) -> Error {
     journal.update(|j| j.rolling_back = true);
     progress.warn(&format!(
@@ -676,11 +687,4 @@ async fn rollback(
             r.new_ami, r.old_ami, r.group, r.template_id, r.from_version, aws.region, r.group
         )),
     }
-}
-
-/// Tags of an image worth showing in `status`.
-pub fn image_version(tags: &[(String, String)]) -> Option<String> {
-    tags.iter()
-        .find(|(k, _)| k == tags::VERSION)
-        .map(|(_, v)| v.clone())
 }
