@@ -415,14 +415,38 @@ fn roll_happy_path_drains_replaces_and_verifies() {
             st.version = "2.479.3".into();
         }
     });
-    let run = f.roll(&[
-        "--yes",
-        "--jenkins-credentials",
-        CREDS_PARAM,
-        "--output",
-        "text",
-    ]);
+    f.moto.start_recording();
+    let run = f.roll(&["--yes", "--jenkins-credentials", CREDS_PARAM]);
+    f.moto.stop_recording();
     run.assert_code(0);
+    // Every call it made is allowed by iam/jbake-roll-policy.json. (moto's IAM enforcement
+    // cannot check this: it rejects the Rust SDK's CreateLaunchTemplateVersion signature.)
+    let policy: Value = serde_json::from_str(
+        &std::fs::read_to_string(cli::root().join("iam/jbake-roll-policy.json"))
+            .expect("read iam/jbake-roll-policy.json"),
+    )
+    .expect("the policy is JSON");
+    let allowed: Vec<&str> = policy["Statement"]
+        .as_array()
+        .expect("statements")
+        .iter()
+        .flat_map(|s| s["Action"].as_array().into_iter().flatten())
+        .filter_map(Value::as_str)
+        .collect();
+    let actions = f.moto.recorded_actions();
+    assert!(
+        actions
+            .iter()
+            .any(|a| a == "TerminateInstanceInAutoScalingGroup"),
+        "{actions:?}"
+    );
+    for a in &actions {
+        assert!(
+            allowed.contains(&iam_action(a).as_str()),
+            "{} is not in the policy",
+            iam_action(a)
+        );
+    }
     assert!(
         run.stdout
             .contains(&format!("rolled group {GROUP} to {}", f.new_ami)),
@@ -721,4 +745,20 @@ fn roll_health_failure_rolls_back() {
     assert_eq!(running.len(), 1, "{st}");
     assert_ne!(running[0].0, f.instance);
     assert_eq!(running[0].1, f.old_ami, "the old AMI serves again");
+}
+
+/// The IAM action for an API action jbake was recorded making.
+fn iam_action(action: &str) -> String {
+    let service = match action {
+        "DescribeAutoScalingGroups"
+        | "UpdateAutoScalingGroup"
+        | "TerminateInstanceInAutoScalingGroup" => "autoscaling",
+        "DescribeTargetGroups"
+        | "DescribeLoadBalancers"
+        | "DescribeListeners"
+        | "DescribeTargetHealth" => "elasticloadbalancing",
+        "GetParameter" => "ssm",
+        _ => "ec2",
+    };
+    format!("{service}:{action}")
 }

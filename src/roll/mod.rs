@@ -379,9 +379,9 @@ pub async fn execute(
 
     // 4. The new launch template version: a full copy, checked, then default and the group.
     let description = format!(
-        "jbake roll: {} {} (was {})",
+        "jbake roll to {} version {} from {}",
         plan.new.id,
-        plan.new.version.as_deref().unwrap_or(&plan.new.name),
+        plan.new.version.as_deref().unwrap_or("unknown"),
         plan.current.id
     );
     let new_version = aws
