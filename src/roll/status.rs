@@ -198,8 +198,13 @@ impl Status {
             s.push_str("  (no targets)\n");
         }
         for t in &self.targets {
+            let stale = if self.instances.iter().any(|i| i.id == t.id) {
+                ""
+            } else {
+                "  [not in the group: a replaced instance's target can linger]"
+            };
             s.push_str(&format!(
-                "  {} {} {}{}\n",
+                "  {} {} {}{}{stale}\n",
                 t.target_group,
                 t.id,
                 t.state,
