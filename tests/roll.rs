@@ -42,6 +42,28 @@ fn fixture_py(env: &[(String, String)], command: &str, args: Value) -> Value {
     serde_json::from_slice(&out.stdout).expect("roll_fixture.py prints JSON")
 }
 
+/// The binary under test: `JBAKE_TEST_BIN` if set (a copy of this checkout's build, when
+/// several checkouts share one CARGO_TARGET_DIR and so one debug/jbake), else cargo's.
+fn jbake() -> Command {
+    let mut c = cli::jbake();
+    if let Some(bin) = std::env::var_os("JBAKE_TEST_BIN") {
+        let mut own = Command::new(bin);
+        own.current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdin(Stdio::null());
+        for var in [
+            "AWS_REGION",
+            "JBAKE_OUTPUT",
+            "JBAKE_QUIET",
+            "JBAKE_IDENTITY",
+            "JBAKE_LOG",
+        ] {
+            own.env_remove(var);
+        }
+        c = own;
+    }
+    c
+}
+
 // ------------------------------------------------------------------ Jenkins stand-in
 
 /// What the stand-in knows and answers.
@@ -229,13 +251,19 @@ fn controller_tags<'a>(version: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&
 /// moto with the controller's infrastructure; the group runs the older controller image.
 fn fixture(group_version: &str) -> Fixture {
     // A shared CARGO_TARGET_DIR holds one debug/jbake: say so when it is another checkout's.
-    let help = cli::run(&["roll", "--help"]);
+    let help = Run::from_output(
+        jbake()
+            .args(["roll", "--help"])
+            .output()
+            .expect("run jbake"),
+    );
     assert_eq!(
         help.code,
         0,
         "{} has no `roll` command: it was linked from another checkout sharing the target \
-         folder; `touch src/main.rs` and run the tests again",
-        env!("CARGO_BIN_EXE_jbake")
+         folder; `touch src/main.rs` and run the tests again, or copy this checkout's build \
+         and point JBAKE_TEST_BIN at the copy",
+        std::env::var("JBAKE_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_jbake").into())
     );
     let moto = Moto::start();
     let env = moto.env();
@@ -278,7 +306,7 @@ impl Fixture {
     }
 
     fn roll_cmd(&self, extra: &[&str]) -> Command {
-        let mut cmd = cli::jbake();
+        let mut cmd = jbake();
         self.moto.apply_env(&mut cmd);
         let url = self.jenkins.url();
         cmd.args(["roll", "--region", REGION, "--jenkins-url", &url])
@@ -494,7 +522,7 @@ fn roll_happy_path_drains_replaces_and_verifies() {
     assert_eq!(v2["data"]["MetadataOptions"]["HttpPutResponseHopLimit"], 2);
 
     // jbake status shows it.
-    let mut cmd = cli::jbake();
+    let mut cmd = jbake();
     f.moto.apply_env(&mut cmd);
     let status = Run::from_output(
         cmd.args(["status", "--region", REGION, "--output", "json"])
@@ -567,6 +595,17 @@ fn roll_dry_run_makes_no_write_call() {
         f.jenkins.calls()
     );
     assert_eq!(f.running(), vec![(f.instance.clone(), f.old_ami.clone())]);
+    // The plan as JSON.
+    let json_run = f.roll(&["--dry-run", "--output", "json"]);
+    json_run.assert_code(0);
+    let events = json_run.events();
+    let plan = events
+        .iter()
+        .find(|e| e["event"] == "plan")
+        .unwrap_or_else(|| panic!("no plan event: {}", json_run.stdout));
+    assert_eq!(plan["result"]["new"]["id"], f.new_ami.as_str());
+    assert_eq!(plan["result"]["current"]["id"], f.old_ami.as_str());
+    assert_eq!(plan["result"]["new_version"], 2);
 }
 
 #[test]
@@ -576,6 +615,8 @@ fn roll_refuses_bad_targets_before_any_change() {
     let agent = f.roll(&["--yes", "--ami", &f.agent_ami.clone()]);
     let unknown = f.roll(&["--yes", "--asg", "no-such-group"]);
     let missing = f.roll(&["--yes", "--ami", "ami-0123456789abcdef0"]);
+    // No terminal to ask on and no --yes: refused before any change.
+    let unasked = f.roll(&[]);
     f.moto.stop_recording();
     agent.assert_code(2);
     assert!(
@@ -601,8 +642,14 @@ fn roll_refuses_bad_targets_before_any_change() {
         "{}",
         missing.stderr
     );
+    unasked.assert_code(2);
+    assert!(unasked.stderr.contains("pass --yes"), "{}", unasked.stderr);
     assert_eq!(writes(&f.moto.recorded_actions()), Vec::<String>::new());
-    assert!(f.jenkins.calls().is_empty(), "{:?}", f.jenkins.calls());
+    assert!(
+        f.jenkins.calls().iter().all(|c| c.starts_with("GET ")),
+        "{:?}",
+        f.jenkins.calls()
+    );
 }
 
 /// Checks that the group, the template and the instance are as the fixture made them.

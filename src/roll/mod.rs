@@ -414,7 +414,13 @@ pub async fn execute(
         )));
     }
     journal.update(|j| j.default_was = Some((template.clone(), d.default_version)));
-    aws.lt.set_default_version(template, new_version).await?;
+    if let Err(e) = aws.lt.set_default_version(template, new_version).await {
+        let failed = restore_before_replace(aws, &p.jenkins, journal, progress).await;
+        return Err(Error::Failed(format!(
+            "{e}; {}",
+            left_as_it_was(&failed, new_version)
+        )));
+    }
     journal.update(|j| {
         let latest = d.template.version == "$Latest";
         j.group_named_latest = latest;
