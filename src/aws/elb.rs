@@ -172,3 +172,34 @@ impl Elb {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lb(listeners: &[(&str, i32)]) -> LoadBalancerInfo {
+        LoadBalancerInfo {
+            arn: "arn".into(),
+            name: "jenkins".into(),
+            dns_name: "jenkins-1.elb.amazonaws.com".into(),
+            listeners: listeners.iter().map(|(p, n)| (p.to_string(), *n)).collect(),
+        }
+    }
+
+    #[test]
+    fn jenkins_url_prefers_https() {
+        assert_eq!(
+            lb(&[("HTTP", 80)]).url(),
+            "http://jenkins-1.elb.amazonaws.com"
+        );
+        assert_eq!(
+            lb(&[("HTTP", 80), ("HTTPS", 443)]).url(),
+            "https://jenkins-1.elb.amazonaws.com"
+        );
+        assert_eq!(
+            lb(&[("HTTP", 8080)]).url(),
+            "http://jenkins-1.elb.amazonaws.com:8080"
+        );
+        assert_eq!(lb(&[]).url(), "http://jenkins-1.elb.amazonaws.com");
+    }
+}
