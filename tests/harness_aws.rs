@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::instance::Instance;
 use crate::support::moto::{self, CloudInit, FaultProxy, Moto};
 use crate::support::prereq;
 use crate::support::sshd::{self, Sshd};
@@ -14,7 +15,7 @@ use crate::support::sshd::{self, Sshd};
 /// retries off so that one injected fault is one error.
 fn boto(env: &[(String, String)], script: &str) -> Output {
     let prelude = "import boto3, botocore.config, json, sys\n\
-        cfg = botocore.config.Config(retries={'total_max_attempts': 1, 'mode': 'standard'}, connect_timeout=5, read_timeout=10)\n\
+        cfg = botocore.config.Config(retries={'total_max_attempts': 1, 'mode': 'standard'}, connect_timeout=5, read_timeout=60)\n\
         ec2 = boto3.client('ec2', config=cfg)\nssm = boto3.client('ssm', config=cfg)\n";
     let mut cmd = Command::new("python3");
     cmd.arg("-c")
@@ -56,6 +57,68 @@ fn keygen(path: &Path) -> String {
         .expect("run ssh-keygen");
     assert!(out.status.success(), "ssh-keygen: {out:?}");
     sshd::public_key(&path.with_extension("pub"))
+}
+
+/// Imports a key pair (`DIR/client`) and launches an instance with user data shaped
+/// like src/build/cloud_init.rs's (host key `DIR/host`); returns the instance id and
+/// the host public key.
+fn launch_like_jbake(moto: &Moto, dir: &Path) -> (String, String) {
+    let host_pub = keygen(&dir.join("host"));
+    let client_pub = keygen(&dir.join("client"));
+    let host_private = std::fs::read_to_string(dir.join("host")).expect("read the host key");
+    let mut block = String::new();
+    for line in host_private.lines() {
+        block.push_str("    ");
+        block.push_str(line);
+        block.push('\n');
+    }
+    let user_data = format!(
+        "#cloud-config\nssh_deletekeys: true\nssh_genkeytypes: []\nssh_keys:\n  ed25519_private: |\n{block}  ed25519_public: {host_pub}\n\
+         bootcmd:\n  - [sh, -c, \"shutdown -h +60 'jbake: build TTL expired' || true\"]\n"
+    );
+    let id = boto_ok(
+        &moto.env(),
+        &format!(
+            "ec2.import_key_pair(KeyName='jbake-k', PublicKeyMaterial={client_pub:?}.encode())\n\
+             img = ec2.describe_images(Owners=['137112412989'])['Images'][0]['ImageId']\n\
+             r = ec2.run_instances(ImageId=img, MinCount=1, MaxCount=1, KeyName='jbake-k', UserData={user_data:?},\n\
+                 TagSpecifications=[{{'ResourceType': 'instance', 'Tags': [{{'Key': 'jbake:build-id', 'Value': 'b-2'}}]}}])\n\
+             print(r['Instances'][0]['InstanceId'])"
+        ),
+    );
+    (id, host_pub)
+}
+
+/// `ssh -i DIR/client` with a known_hosts that pins `host_pub` only.
+fn ssh_pinned(dir: &Path, user: &str, host: &str, port: u16, host_pub: &str) -> Output {
+    let known_hosts = dir.join("known_hosts");
+    let name = if port == 22 {
+        host.to_string()
+    } else {
+        format!("[{host}]:{port}")
+    };
+    std::fs::write(&known_hosts, format!("{name} {host_pub}\n")).expect("write known_hosts");
+    Command::new("ssh")
+        .arg("-i")
+        .arg(dir.join("client"))
+        .args(["-p", &port.to_string()])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+        .args([
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=10",
+        ])
+        .arg(format!("{user}@{host}"))
+        .arg("sudo -n id -u")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ssh")
 }
 
 fn alive(pid: u32) -> bool {
@@ -275,11 +338,9 @@ fn harness_aws_iam_auth_denies_outside_the_policy() {
         denied == "AccessDenied" || denied == "UnauthorizedOperation",
         "describe_instances outside the policy: {denied}"
     );
-    assert_ne!(
-        call(&moto.env(), "describe_images"),
-        "ok",
-        "testing creds pass"
-    );
+    let anonymous = call(&moto.env(), "describe_images");
+    eprintln!("outside the policy: {denied}; unknown access key: {anonymous}");
+    assert_ne!(anonymous, "ok", "testing creds pass");
     // The harness's own helpers keep working (as an admin user).
     assert!(moto.resources(moto::REGION).instances.is_empty());
     moto.disable_iam_auth();
@@ -295,64 +356,15 @@ fn harness_aws_cloud_init_for_sshd_serves_user_data_host_key_and_key_pair() {
     let mut sshd = Sshd::start();
     let cloud = CloudInit::for_sshd(&moto, &mut sshd);
     let dir = tempfile::tempdir().expect("temp folder");
-    let host_pub = keygen(&dir.path().join("host"));
-    let client_pub = keygen(&dir.path().join("client"));
-    let host_private = std::fs::read_to_string(dir.path().join("host")).expect("read the host key");
-    let mut block = String::new();
-    for line in host_private.lines() {
-        block.push_str("    ");
-        block.push_str(line);
-        block.push('\n');
-    }
-    // The same shape as src/build/cloud_init.rs writes.
-    let user_data = format!(
-        "#cloud-config\nssh_deletekeys: true\nssh_genkeytypes: []\nssh_keys:\n  ed25519_private: |\n{block}  ed25519_public: {host_pub}\n\
-         bootcmd:\n  - [sh, -c, \"shutdown -h +60 'jbake: build TTL expired' || true\"]\n"
-    );
     let launched = Instant::now();
-    let id = boto_ok(
-        &moto.env(),
-        &format!(
-            "ec2.import_key_pair(KeyName='jbake-k', PublicKeyMaterial={client_pub:?}.encode())\n\
-             img = ec2.describe_images()['Images'][0]['ImageId']\n\
-             r = ec2.run_instances(ImageId=img, MinCount=1, MaxCount=1, KeyName='jbake-k', UserData={user_data:?},\n\
-                 TagSpecifications=[{{'ResourceType': 'instance', 'Tags': [{{'Key': 'jbake:build-id', 'Value': 'b-2'}}]}}])\n\
-             print(r['Instances'][0]['InstanceId'])"
-        ),
-    );
+    let (id, host_pub) = launch_like_jbake(&moto, dir.path());
     let served = cloud.wait_served(Duration::from_secs(20));
     eprintln!("served {id} {:?} after RunInstances", launched.elapsed());
     assert_eq!(served.instance_id, id);
     assert_eq!(served.host_public_key, host_pub);
     assert!(cloud.errors().is_empty(), "{:?}", cloud.errors());
 
-    let known_hosts = dir.path().join("known_hosts");
-    std::fs::write(
-        &known_hosts,
-        format!("[127.0.0.1]:{} {host_pub}\n", sshd.port()),
-    )
-    .expect("write known_hosts");
-    let out = Command::new("ssh")
-        .arg("-i")
-        .arg(dir.path().join("client"))
-        .args(["-p", &sshd.port().to_string()])
-        .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
-        .args([
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "ConnectTimeout=10",
-        ])
-        .arg(format!("{}@127.0.0.1", sshd.user()))
-        .arg("sudo -n id -u")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run ssh");
+    let out = ssh_pinned(dir.path(), sshd.user(), "127.0.0.1", sshd.port(), &host_pub);
     assert!(
         out.status.success(),
         "ssh with the key pair and the user-data host key failed: {}\nsshd log:\n{}",
@@ -368,4 +380,28 @@ fn harness_aws_cloud_init_for_sshd_serves_user_data_host_key_and_key_pair() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(cloud.served().len(), 1);
+}
+
+#[test]
+fn harness_aws_cloud_init_for_instance_serves_user_data_host_key_and_key_pair() {
+    if !(prereq::moto() && prereq::instance_tier()) {
+        return;
+    }
+    let moto = Moto::start();
+    let vm = Instance::builder("cloudinit").up();
+    let cloud = CloudInit::for_instance(&moto, &vm);
+    let dir = tempfile::tempdir().expect("temp folder");
+    let launched = Instant::now();
+    let (id, host_pub) = launch_like_jbake(&moto, dir.path());
+    let served = cloud.wait_served(Duration::from_secs(30));
+    eprintln!("served {id} {:?} after RunInstances", launched.elapsed());
+    assert_eq!(served.instance_id, id);
+    assert_eq!(served.host_public_key, host_pub);
+    let out = ssh_pinned(dir.path(), &vm.user, &vm.host, vm.port, &host_pub);
+    assert!(
+        out.status.success(),
+        "ssh to the instance with the key pair and the user-data host key failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
 }

@@ -35,7 +35,7 @@ use super::sshd::{self, Sshd, SshdReload};
 pub const REGION: &str = "us-east-1";
 /// The tag jbake puts on everything a build creates.
 pub const BUILD_TAG: &str = "jbake:build-id";
-const START_TIMEOUT: Duration = Duration::from_secs(30);
+const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A python helper of this folder (`awsctl.py`, `fault_proxy.py`).
 fn helper(name: &str) -> PathBuf {
@@ -632,7 +632,9 @@ impl CloudInit {
         Self::start(moto, None, Target::Sshd(sshd.reload_handle()))
     }
 
-    /// Serves instances into a booted nspawn [`Instance`] (for its login user).
+    /// Serves instances into a booted nspawn [`Instance`] (for its login user): the
+    /// user-data key becomes its only host key (`Instance::host_key` and
+    /// `Instance::known_hosts` keep the old one; use [`Served::host_public_key`]).
     pub fn for_instance(moto: &Moto, instance: &Instance) -> CloudInit {
         Self::start(
             moto,
@@ -791,7 +793,8 @@ fn serve(target: &Target, launched: &Launched) -> Result<Served, String> {
     })
 }
 
-/// Installs the host key and the authorized key in a booted nspawn instance (through
+/// Installs the host key (as the only one, like `ssh_deletekeys: true` with
+/// `ssh_genkeytypes: []`) and the authorized key in a booted nspawn instance (through
 /// `scripts/instance exec`, as root) and reloads its sshd.
 fn serve_instance(
     name: &str,
@@ -801,7 +804,8 @@ fn serve_instance(
 ) -> Result<String, String> {
     let quote = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
     let mut script = format!(
-        "set -e\numask 077\nprintf '%s\\n' {pem} > /etc/ssh/ssh_host_ed25519_key\n\
+        "set -e\numask 077\nrm -f /etc/ssh/ssh_host_*\n\
+         printf '%s\\n' {pem} > /etc/ssh/ssh_host_ed25519_key\n\
          ssh-keygen -y -f /etc/ssh/ssh_host_ed25519_key > /etc/ssh/ssh_host_ed25519_key.pub\n\
          chmod 0644 /etc/ssh/ssh_host_ed25519_key.pub\n",
         pem = quote(private.trim_end())
