@@ -757,6 +757,18 @@ fn roll_ctrl_c_after_replacement_says_where_the_group_is() {
     let st = f.state();
     assert_eq!(st["group_version"], "2", "{st}");
     assert!(!f.running().iter().any(|(id, _)| *id == f.instance));
+    // It also says what the group has right now.
+    let new_id = st["instances"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["id"] != f.instance.as_str()))
+        .and_then(|i| i["id"].as_str())
+        .expect("a replacement")
+        .to_string();
+    let now = format!(
+        "Right now: group {GROUP} has {new_id} InService (running, {})",
+        f.new_ami
+    );
+    assert!(run.stderr.contains(&now), "{}", run.stderr);
 }
 
 #[test]

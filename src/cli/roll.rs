@@ -209,8 +209,13 @@ async fn interrupted_roll(
 ) -> Failure {
     let state = journal.get();
     if let Some(r) = &state.replaced {
+        let now =
+            match tokio::time::timeout(Duration::from_secs(15), group_now(aws, &r.group)).await {
+                Ok(Some(text)) => format!(" Right now: {text}."),
+                _ => String::new(),
+            };
         return Failure::Interrupted(format!(
-            "{what} after the replacement: {}",
+            "{what} after the replacement: {}.{now}",
             roll::state_after_replace(r, state.rolling_back, &aws.region)
         ));
     }
@@ -238,6 +243,31 @@ async fn interrupted_roll(
             failed.join("; ")
         ))
     }
+}
+
+/// The group's instances as EC2 sees them, in a line (None: cannot tell).
+async fn group_now(aws: &Aws, group: &str) -> Option<String> {
+    let g = aws.asg.group(group).await.ok()??;
+    let ids: Vec<String> = g.instances.iter().map(|i| i.id.clone()).collect();
+    let ec2 = aws.instances.describe(&ids).await.ok()?;
+    if g.instances.is_empty() {
+        return Some(format!("group {group} has no instance yet"));
+    }
+    let list: Vec<String> = g
+        .instances
+        .iter()
+        .map(|i| {
+            let e = ec2.iter().find(|e| e.id == i.id);
+            format!(
+                "{} {} ({}, {})",
+                i.id,
+                i.lifecycle,
+                e.map(|e| e.state.as_str()).unwrap_or("unknown"),
+                e.map(|e| e.image_id.as_str()).unwrap_or("unknown AMI")
+            )
+        })
+        .collect();
+    Some(format!("group {group} has {}", list.join(", ")))
 }
 
 pub async fn status_cmd(args: StatusArgs, output: Output, quiet: bool) -> Result<(), Failure> {
