@@ -454,6 +454,10 @@ pub fn differences(a: &ResponseLaunchTemplateData, b: &ResponseLaunchTemplateDat
     let strip = |d: &ResponseLaunchTemplateData| {
         let mut d = d.clone();
         d.image_id = None;
+        // Output only (pending/applied), not part of what a version says.
+        if let Some(m) = d.metadata_options.as_mut() {
+            m.state = None;
+        }
         d
     };
     // Debug redacts UserData (sensitive): compare it by value.
@@ -580,7 +584,13 @@ mod tests {
         let mut b = full();
         b.image_id = Some("ami-2".into());
         assert!(differences(&a, &b).is_empty());
+        if let Some(m) = b.metadata_options.as_mut() {
+            m.state = Some(aws_sdk_ec2::types::LaunchTemplateInstanceMetadataOptionsState::Pending);
+        }
+        assert!(differences(&a, &b).is_empty());
         b.user_data = None;
         assert_eq!(differences(&a, &b), ["user_data"]);
+        b.key_name = None;
+        assert_eq!(differences(&a, &b), ["key_name", "user_data"]);
     }
 }
