@@ -10,5 +10,6 @@ pub mod gc;
 pub mod manifest;
 pub mod progress;
 pub mod recipe;
+pub mod roll;
 pub mod ssh;
 pub mod util;

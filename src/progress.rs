@@ -262,6 +262,20 @@ impl Progress {
         println!("{}", mask(&text, &self.secrets));
     }
 
+    /// A command's result, always printed on stdout, quiet or not: `text`, or with `--output
+    /// json` one `event` object carrying `data` under `result`.
+    pub fn finished(&self, event: &str, text: &str, data: Value) {
+        if self.mode == Mode::Json {
+            self.event(json!({"event": event, "result": data}));
+        } else {
+            println!("{}", mask(text, &self.secrets));
+        }
+    }
+
+    pub fn is_json(&self) -> bool {
+        self.mode == Mode::Json
+    }
+
     /// The summary table at the end of a run.
     pub fn summary(&self, rows: &[StepRow], elapsed: Duration, ok: bool) {
         if self.mode == Mode::Json {

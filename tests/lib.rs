@@ -7,5 +7,7 @@ mod apply;
 mod apply_instance;
 mod harness;
 mod harness_aws;
+mod build;
 mod images;
+mod roll;
 mod validate;

@@ -2,7 +2,11 @@
 //! instance role), with the endpoint override every AWS tool honours (`--endpoint-url`,
 //! `AWS_ENDPOINT_URL`), so the same code talks to AWS, LocalStack, a VPC endpoint or moto.
 
+pub mod asg;
 pub mod ec2;
+pub mod elb;
+pub mod instances;
+pub mod launch_template;
 pub mod wait;
 
 use std::time::Duration;
@@ -11,7 +15,11 @@ use aws_config::retry::RetryConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_smithy_types::error::display::DisplayErrorContext;
 
+pub use asg::Asg;
 pub use ec2::Ec2;
+pub use elb::Elb;
+pub use instances::Instances;
+pub use launch_template::LaunchTemplates;
 
 /// Where and as whom to call AWS.
 #[derive(Debug, Clone, Default)]
@@ -26,6 +34,10 @@ pub struct AwsOptions {
 pub struct Aws {
     pub ec2: Ec2,
     pub ssm: aws_sdk_ssm::Client,
+    pub asg: Asg,
+    pub elb: Elb,
+    pub lt: LaunchTemplates,
+    pub instances: Instances,
     pub region: String,
 }
 
@@ -50,6 +62,13 @@ impl Aws {
         Aws {
             ec2: Ec2::new(aws_sdk_ec2::Client::new(&conf), &opts.region),
             ssm: aws_sdk_ssm::Client::new(&conf),
+            asg: Asg::new(aws_sdk_autoscaling::Client::new(&conf), &opts.region),
+            elb: Elb::new(
+                aws_sdk_elasticloadbalancingv2::Client::new(&conf),
+                &opts.region,
+            ),
+            lt: LaunchTemplates::new(aws_sdk_ec2::Client::new(&conf), &opts.region),
+            instances: Instances::new(aws_sdk_ec2::Client::new(&conf), &opts.region),
             region: opts.region.clone(),
         }
     }
@@ -79,7 +98,7 @@ impl Error {
         };
         let hint = match code.as_deref() {
             Some("UnauthorizedOperation" | "AccessDenied" | "AccessDeniedException") => {
-                " (the credentials lack this permission: see iam/jbake-build-policy.json)"
+                " (the credentials lack this permission: see iam/jbake-build-policy.json and iam/jbake-roll-policy.json)"
             }
             Some("AuthFailure" | "InvalidClientTokenId" | "UnrecognizedClientException") => {
                 " (check the AWS credentials: AWS_PROFILE, --profile, or the environment)"

@@ -2,6 +2,7 @@
 //! into exit codes: 1 runtime failure, 2 bad input (always before any connection), 130 interrupted.
 
 mod build;
+mod roll;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -50,6 +51,10 @@ pub enum Command {
     Agent(build::AgentArgs),
     /// Remove what finished or killed builds left behind (found by their jbake tags).
     Gc(build::GcArgs),
+    /// Upgrade the Jenkins controller to a new image: drain, replace, verify, roll back on failure.
+    Roll(roll::RollArgs),
+    /// Show the controller's group, instances, launch template versions and target health.
+    Status(roll::StatusArgs),
 }
 
 #[derive(Debug, Args)]
@@ -218,6 +223,8 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Controller(args) => build::controller_cmd(args, cli.output, cli.quiet).await,
         Command::Agent(args) => build::agent_cmd(args, cli.output, cli.quiet).await,
         Command::Gc(args) => build::gc_cmd(args, cli.output, cli.quiet).await,
+        Command::Roll(args) => roll::roll_cmd(args, cli.output, cli.quiet).await,
+        Command::Status(args) => roll::status_cmd(args, cli.output, cli.quiet).await,
     }
 }
 

@@ -1,0 +1,297 @@
+//! `jbake roll` and `jbake status`.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::time::Duration;
+
+use clap::Args;
+use serde_json::json;
+
+use super::build::AwsArgs;
+use super::{interrupted, Failure};
+use crate::aws::{Aws, AwsOptions};
+use crate::progress::{Output, Progress};
+use crate::recipe;
+use crate::roll::{self, Journal, Prepare, RollOptions};
+use crate::util::fmt_duration;
+
+#[derive(Debug, Args)]
+pub struct RollArgs {
+    #[command(flatten)]
+    pub aws: AwsArgs,
+    /// The controller's Auto Scaling group [default: the one tagged jbake:role=controller].
+    #[arg(long, value_name = "NAME")]
+    pub asg: Option<String>,
+    /// Roll out this AMI [default: the newest available image jbake built from --recipe].
+    #[arg(long, value_name = "AMI", value_parser = parse_ami)]
+    pub ami: Option<String>,
+    /// The recipe whose images are controller images (the jbake:recipe tag).
+    #[arg(long, value_name = "NAME", default_value = roll::CONTROLLER_RECIPE)]
+    pub recipe: String,
+    /// Jenkins' root URL [default: the load balancer's DNS name, HTTPS if it listens on 443].
+    #[arg(long, value_name = "URL")]
+    pub jenkins_url: Option<String>,
+    /// An SSM SecureString parameter holding USER:API_TOKEN for the Jenkins API.
+    #[arg(long, value_name = "SSM_PARAM")]
+    pub jenkins_credentials: Option<String>,
+    /// The Jenkins version (X-Jenkins) the new controller must report [default: the image's
+    /// jbake:jenkins-version tag, if any].
+    #[arg(long, value_name = "VERSION")]
+    pub jenkins_version: Option<String>,
+    /// How long to wait for running builds to finish.
+    #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = recipe::parse_duration)]
+    pub drain_timeout: Duration,
+    /// How long the new controller has to serve before jbake rolls back.
+    #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = recipe::parse_duration)]
+    pub health_timeout: Duration,
+    /// Show the plan and stop: no change is made.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Do not ask for confirmation (required when standard input is not a terminal).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub aws: AwsArgs,
+    /// The controller's Auto Scaling group [default: the one tagged jbake:role=controller].
+    #[arg(long, value_name = "NAME")]
+    pub asg: Option<String>,
+}
+
+fn parse_ami(s: &str) -> Result<String, String> {
+    let ok = regex::Regex::new("^ami-[0-9a-f]{8}([0-9a-f]{9})?$")
+        .map(|r| r.is_match(s))
+        .unwrap_or(false);
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "'{s}' is not an AMI id (ami- and 8 or 17 hex digits)"
+        ))
+    }
+}
+
+fn aws_options(a: &AwsArgs) -> AwsOptions {
+    AwsOptions {
+        region: a.region.clone(),
+        profile: a.profile.clone(),
+        endpoint_url: a.endpoint_url.clone(),
+    }
+}
+
+fn failure(e: roll::Error) -> Failure {
+    match e {
+        roll::Error::Input(m) => Failure::Input(anyhow::anyhow!(m)),
+        other => Failure::Runtime(anyhow::anyhow!(other)),
+    }
+}
+
+/// Asks on the terminal. Err: no terminal to ask on.
+async fn confirm(question: &str) -> Result<bool, Failure> {
+    if !std::io::stdin().is_terminal() {
+        return Err(Failure::Input(anyhow::anyhow!(
+            "standard input is not a terminal, so jbake cannot ask for confirmation: pass --yes (nothing was changed)"
+        )));
+    }
+    let question = question.to_string();
+    let answer = tokio::task::spawn_blocking(move || {
+        eprint!("{question} [y/N] ");
+        let _ = std::io::stderr().flush();
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line).map(|_| line)
+    })
+    .await
+    .map_err(|e| Failure::Runtime(anyhow::anyhow!("cannot read the answer: {e}")))?
+    .map_err(|e| Failure::Runtime(anyhow::anyhow!("cannot read the answer: {e}")))?;
+    Ok(matches!(answer.trim().to_lowercase().as_str(), "y" | "yes"))
+}
+
+pub async fn roll_cmd(args: RollArgs, output: Output, quiet: bool) -> Result<(), Failure> {
+    let opts = RollOptions {
+        aws: aws_options(&args.aws),
+        asg: args.asg.clone(),
+        ami: args.ami.clone(),
+        recipe: args.recipe.clone(),
+        jenkins_url: args.jenkins_url.clone(),
+        jenkins_credentials: args.jenkins_credentials.clone(),
+        jenkins_version: args.jenkins_version.clone(),
+        drain_timeout: args.drain_timeout,
+        health_timeout: args.health_timeout,
+    };
+    let aws = Aws::new(&opts.aws).await;
+    let progress = Progress::new(output, quiet, Vec::new());
+    let prepared = tokio::select! {
+        r = roll::prepare(&opts, &aws, &progress) => r.map_err(failure)?,
+        what = interrupted() => {
+            return Err(Failure::Interrupted(format!("{what} before any change: nothing was changed")));
+        }
+    };
+    let p = match prepared {
+        Prepare::UpToDate { group, image } => {
+            progress.finished(
+                "roll_finished",
+                &format!("already up to date: group {group} runs {}", image.label()),
+                json!({"status": "up_to_date", "group": group, "image": image}),
+            );
+            return Ok(());
+        }
+        Prepare::Ready(p) => p,
+    };
+    let progress = Progress::new(output, quiet, p.secrets.clone());
+    if progress.is_json() {
+        progress.finished("plan", "", json!(p.plan));
+    } else {
+        print!("{}", p.plan.text());
+        if let Some(v) = &p.jenkins_before {
+            println!("  Jenkins {v} answers at {}", p.jenkins.url());
+        }
+    }
+    if args.dry_run {
+        progress.info("dry_run", "--dry-run: nothing was changed");
+        return Ok(());
+    }
+    if !args.yes
+        && !confirm(&format!(
+            "roll group {} to {}?",
+            p.plan.group, p.plan.new.id
+        ))
+        .await?
+    {
+        return Err(Failure::Runtime(anyhow::anyhow!(
+            "not confirmed: nothing was changed"
+        )));
+    }
+    let journal = Journal::default();
+    let result = tokio::select! {
+        r = roll::execute(&opts, &aws, &p, &journal, &progress) => r,
+        what = interrupted() => {
+            return Err(interrupted_roll(&what, &aws, &p, &journal, &progress).await);
+        }
+    };
+    match result {
+        Ok(r) => {
+            let downtime = r
+                .downtime_ms
+                .map(|ms| fmt_duration(Duration::from_millis(ms as u64)))
+                .unwrap_or_else(|| "unknown (Jenkins did not answer before)".into());
+            progress.finished(
+                "roll_finished",
+                &format!(
+                    "rolled group {} to {} ({}): {} → {}, launch template {} version {}, Jenkins {}; drained in {}, downtime {downtime}",
+                    r.group,
+                    r.new_ami,
+                    r.new_image_name,
+                    r.old_instance,
+                    r.new_instance,
+                    r.launch_template,
+                    r.launch_template_version,
+                    r.jenkins_version,
+                    fmt_duration(Duration::from_millis(r.drain_ms as u64)),
+                ),
+                json!({"status": "rolled", "roll": r}),
+            );
+            Ok(())
+        }
+        Err(e) => Err(failure(e)),
+    }
+}
+
+/// Ctrl-C during the roll: before the termination, put everything back; after it, say where
+/// the group is and how to go on or back.
+async fn interrupted_roll(
+    what: &str,
+    aws: &Aws,
+    p: &roll::Prepared,
+    journal: &Journal,
+    progress: &Progress,
+) -> Failure {
+    let state = journal.get();
+    if let Some(r) = &state.replaced {
+        let now =
+            match tokio::time::timeout(Duration::from_secs(15), group_now(aws, &r.group)).await {
+                Ok(Some(text)) => format!(" Right now: {text}."),
+                _ => String::new(),
+            };
+        return Failure::Interrupted(format!(
+            "{what} after the replacement: {}.{now}",
+            roll::state_after_replace(r, state.rolling_back, &aws.region)
+        ));
+    }
+    progress.warn(&format!(
+        "interrupted {what} before the replacement: putting group {} back as it was",
+        p.plan.group
+    ));
+    let restore = roll::restore_before_replace(aws, &p.jenkins, journal, progress);
+    let failed = match tokio::time::timeout(Duration::from_secs(120), restore).await {
+        Ok(f) => f,
+        Err(_) => vec!["no answer within 120s".to_string()],
+    };
+    if failed.is_empty() {
+        Failure::Interrupted(format!(
+            "{what} before the replacement: nothing was replaced; quiet-down was cancelled and group {} is as it was{}",
+            p.plan.group,
+            state
+                .new_version
+                .map(|v| format!(" (launch template version {v} stays, unused)"))
+                .unwrap_or_default()
+        ))
+    } else {
+        Failure::Interrupted(format!(
+            "{what} before the replacement: nothing was replaced, but these could not be put back: {}",
+            failed.join("; ")
+        ))
+    }
+}
+
+/// The group's instances as EC2 sees them, in a line (None: cannot tell).
+async fn group_now(aws: &Aws, group: &str) -> Option<String> {
+    let g = aws.asg.group(group).await.ok()??;
+    let ids: Vec<String> = g.instances.iter().map(|i| i.id.clone()).collect();
+    let ec2 = aws.instances.describe(&ids).await.ok()?;
+    if g.instances.is_empty() {
+        return Some(format!("group {group} has no instance yet"));
+    }
+    let list: Vec<String> = g
+        .instances
+        .iter()
+        .map(|i| {
+            let e = ec2.iter().find(|e| e.id == i.id);
+            format!(
+                "{} {} ({}, {})",
+                i.id,
+                i.lifecycle,
+                e.map(|e| e.state.as_str()).unwrap_or("unknown"),
+                e.map(|e| e.image_id.as_str()).unwrap_or("unknown AMI")
+            )
+        })
+        .collect();
+    Some(format!("group {group} has {}", list.join(", ")))
+}
+
+pub async fn status_cmd(args: StatusArgs, output: Output, quiet: bool) -> Result<(), Failure> {
+    let aws = Aws::new(&aws_options(&args.aws)).await;
+    let progress = Progress::new(output, quiet, Vec::new());
+    let s = roll::status::status(&aws, args.asg.as_deref())
+        .await
+        .map_err(failure)?;
+    if progress.is_json() {
+        progress.finished("status", "", json!(s));
+    } else {
+        print!("{}", s.text());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ami_ids() {
+        assert!(parse_ami("ami-0123456789abcdef0").is_ok());
+        assert!(parse_ami("ami-12345678").is_ok());
+        assert!(parse_ami("ami-xyz").is_err());
+    }
+}
