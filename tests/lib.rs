@@ -5,9 +5,9 @@ mod support;
 
 mod apply;
 mod apply_instance;
+mod build;
 mod harness;
 mod harness_aws;
-mod build;
 mod images;
 mod roll;
 mod validate;
