@@ -23,7 +23,8 @@ use crate::support::sshd::{self, Sshd};
 
 const REGION: &str = "us-east-1";
 /// A public parameter moto has (it has no Debian ones).
-const BASE_PARAM: &str = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64";
+pub(crate) const BASE_PARAM: &str =
+    "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64";
 
 fn recipe(dir: &Path, user: &str, steps: &str) -> PathBuf {
     write(
@@ -61,14 +62,15 @@ fn build_cmd(
 /// played cloud-init's part (on EC2, sshd only answers once cloud-init installed the host key).
 /// Holding the first DescribeInstances answer back for a few seconds gives [`CloudInit`] that
 /// time, so jbake never meets the previous build's host key.
-const BOOTING: &str = r#"[{"action": "DescribeInstances", "delay_ms": 4000, "times": 1}]"#;
+pub(crate) const BOOTING: &str =
+    r#"[{"action": "DescribeInstances", "delay_ms": 4000, "times": 1}]"#;
 
 fn run(mut c: Command, extra: &[&str]) -> Run {
     Run::from_output(c.args(extra).output().expect("run jbake"))
 }
 
 /// The build id a run announced (its first event: "build <id> of <recipe> in <region>").
-fn build_id_of(run: &Run) -> String {
+pub(crate) fn build_id_of(run: &Run) -> String {
     run.events()
         .iter()
         .find(|e| e["event"] == "build")
@@ -78,7 +80,7 @@ fn build_id_of(run: &Run) -> String {
         .to_string()
 }
 
-fn finished(run: &Run) -> serde_json::Value {
+pub(crate) fn finished(run: &Run) -> serde_json::Value {
     run.events()
         .into_iter()
         .find(|e| e["event"] == "build_finished")
@@ -89,7 +91,7 @@ fn finished(run: &Run) -> serde_json::Value {
 /// Nothing of the build is alive in moto: no instance that is not terminated, no key pair, no
 /// security group, no half-made image.
 #[track_caller]
-fn assert_nothing_left(moto: &Moto, build_id: &str) {
+pub(crate) fn assert_nothing_left(moto: &Moto, build_id: &str) {
     let r = moto.resources(REGION);
     let left = r.tagged_with_build(build_id);
     let images: Vec<_> = r

@@ -1,8 +1,10 @@
 //! The product's images, proven on the instance tier (a real Debian bookworm booted with
-//! systemd-nspawn): `jbake apply` runs recipes/controller.yaml on a fresh instance, the
-//! instance is stopped and "snapshotted" (its root file system archived, after jbake's image
-//! hygiene), and new instances boot from that archive, with a host folder bound at
-//! JENKINS_HOME standing in for the EFS (NFS cannot be mounted on this kernel).
+//! systemd-nspawn): `jbake controller` / `jbake agent` run against moto (the AWS APIs) with
+//! SSH going to a fresh instance, where [`CloudInit`] plays cloud-init's part for the
+//! instance moto launched; the recipe runs, jbake's image hygiene runs, moto gets its image;
+//! then the instance is stopped and "snapshotted" (its root file system archived), and new
+//! instances boot from that archive, with a host folder bound at JENKINS_HOME standing in for
+//! the EFS (NFS cannot be mounted on this kernel).
 //!
 //! The real jenkins.war cannot be downloaded here: the tests build a stand-in
 //! (tests/fixtures/jenkins-standin, a tiny Java HTTP program) with the machine's `javac`,
@@ -15,13 +17,15 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+use crate::build::{assert_nothing_left, build_id_of, finished, BASE_PARAM, BOOTING};
 use crate::support::archive;
 use crate::support::cli::{jbake, Run};
 use crate::support::instance::Instance;
-use crate::support::moto::Moto;
+use crate::support::moto::{CloudInit, FaultProxy, Moto};
 use crate::support::net::{http, FileServer, Forwarder, Imds};
 use crate::support::prereq;
 
+const REGION: &str = "us-east-1";
 const EFS_ID: &str = "fs-0123456789abcdef0";
 const JENKINS_UID: u32 = 3000;
 const JENKINS_VERSION: &str = "2.479.3";
@@ -80,24 +84,6 @@ fn fstype_of(dir: &Path) -> String {
     t
 }
 
-fn apply(vm: &Instance, recipe: &str, vars: &[String]) -> Run {
-    let mut cmd = jbake();
-    cmd.args(["apply", recipe, "--target", &vm.target()])
-        .args(["--identity", &vm.identity.display().to_string()])
-        .args([
-            "--host-key",
-            &vm.host_key,
-            "--output",
-            "json",
-            "--region",
-            "us-east-1",
-        ]);
-    for v in vars {
-        cmd.args(["--var", v]);
-    }
-    Run::from_output(cmd.output().expect("run jbake"))
-}
-
 /// Seconds a step named like `name` took, from the JSON events.
 fn step_secs(run: &Run, name: &str) -> f64 {
     run.events()
@@ -132,55 +118,115 @@ fn wait_for_jenkins(vm: &Instance, timeout: Duration) -> crate::support::net::Re
     }
 }
 
-/// Builds the controller image once: apply, hygiene, stop, snapshot. Returns the archive.
-fn bake_controller(work: &Path, efs_fstype: &str) -> PathBuf {
+/// `jbake controller|agent ARGS` against moto (through `proxy`, which holds the first
+/// DescribeInstances back while [`CloudInit`] installs the user-data host key on `vm`), with SSH
+/// going to the nspawn `vm`. Events in JSON.
+fn bake(
+    args: &[&str],
+    moto: &Moto,
+    proxy: &FaultProxy,
+    vm: &Instance,
+    vars: &[String],
+    manifest: &Path,
+) -> Run {
+    proxy.set(BOOTING);
+    let mut cmd = jbake();
+    moto.apply_env(&mut cmd);
+    cmd.args(args)
+        .args(["--region", REGION, "--endpoint-url", &proxy.endpoint()])
+        // moto has no Debian parameters; the recipe's base stays the default everywhere else.
+        .args(["--base-ssm-parameter", BASE_PARAM])
+        .args(["--ssh-host", &vm.host, "--ssh-port", &vm.port.to_string()])
+        .args(["--ssh-cidr", &format!("{}/32", vm.host)])
+        .args(["--connect-timeout", "60s", "--output", "json"])
+        .args(["--manifest", &manifest.display().to_string()]);
+    for v in vars {
+        cmd.args(["--var", v]);
+    }
+    Run::from_output(cmd.output().expect("run jbake"))
+}
+
+/// What a successful `jbake controller|agent` made in moto: an available image of `recipe`,
+/// named by its version and tagged; nothing else left. Returns the image id.
+#[track_caller]
+fn assert_baked(moto: &Moto, run: &Run, recipe: &str) -> String {
+    run.assert_code(0);
+    let id = build_id_of(run);
+    let result = finished(run);
+    assert_eq!(result["skipped_unchanged"], false, "{}", run.stdout);
+    let ami = result["ami_id"].as_str().expect("ami_id").to_string();
+    let version = result["version"].as_str().expect("version");
+    let res = moto.resources(REGION);
+    let image = res
+        .images
+        .iter()
+        .find(|i| i.id == ami)
+        .unwrap_or_else(|| panic!("{ami} not in {:?}", res.images));
+    assert_eq!(image.state.as_deref(), Some("available"));
+    assert_eq!(
+        image.name.as_deref(),
+        Some(format!("{recipe}-{version}").as_str())
+    );
+    for (k, v) in [
+        ("jbake:recipe", recipe),
+        ("jbake:version", version),
+        ("jbake:complete", "true"),
+    ] {
+        assert_eq!(
+            image.tags.get(k).map(String::as_str),
+            Some(v),
+            "{k}: {image:?}"
+        );
+    }
+    assert_nothing_left(moto, &id);
+    ami
+}
+
+/// Builds the controller image once with `jbake controller` (steps, validate, image hygiene),
+/// then stops the instance and "snapshots" it. Returns the archive.
+fn bake_controller(work: &Path, efs_fstype: &str, moto: &Moto) -> PathBuf {
     let sha = build_standin(work);
     let t = Instant::now();
     let vm = Instance::builder("img-ctl").up();
     eprintln!("images: build instance up in {:.1?}", t.elapsed());
+    let cloud = CloudInit::for_instance(moto, &vm);
+    let proxy = FaultProxy::start(&moto.endpoint());
     let www = FileServer::start(&vm.gateway, work.join("www"));
-    let vars = [
-        format!("efs_id={EFS_ID}"),
-        format!("jenkins_mirror={}", www.url()),
-        format!("jenkins_war_sha256={sha}"),
-        format!("jenkins_home_fstypes=nfs4 {efs_fstype}"),
-    ];
+    let manifest = work.join("manifest.json");
+    let vars = controller_vars(&www.url(), &sha, efs_fstype);
+    let args = ["controller", "--efs-id", EFS_ID];
 
-    // A wrong checksum is refused before anything is installed under the war's name.
     let t = Instant::now();
-    let run = apply(&vm, "recipes/controller.yaml", &vars);
-    run.assert_code(0);
+    let run = bake(&args, moto, &proxy, &vm, &vars, &manifest);
+    let ami = assert_baked(moto, &run, "jenkins-controller");
     eprintln!(
-        "images: jbake apply controller.yaml in {:.1?} (Java via apt {:.1}s, curl+nfs-common {:.1}s)",
+        "images: jbake controller in {:.1?} (Java via apt {:.1}s, curl+nfs-common {:.1}s) -> {ami}",
         t.elapsed(),
         step_secs(&run, "Install Java"),
         step_secs(&run, "NFS client")
     );
-    // Idempotent: a second run changes nothing it does not have to.
-    let again = apply(&vm, "recipes/controller.yaml", &vars);
-    again.assert_code(0);
-    for (n, status) in again.statuses() {
-        assert_ne!(status, "failed", "step {n}: {}", again.stdout);
+    for (n, status) in run.statuses() {
+        assert_ne!(status, "failed", "step {n}: {}", run.stdout);
     }
-    let bad = apply(
-        &vm,
-        "recipes/controller.yaml",
-        &[
-            vars[0].clone(),
-            vars[1].clone(),
-            format!("jenkins_war_sha256={}", "0".repeat(64)),
-            vars[3].clone(),
-        ],
-    );
-    bad.assert_code(1);
-    assert!(bad.stdout.contains("expected 0000"), "{}", bad.stdout);
+    assert_eq!(cloud.served().len(), 1, "{:?}", cloud.served());
+
+    // The same inputs again (the nightly cron): the image exists, nothing is launched.
+    let again = bake(&args, moto, &proxy, &vm, &vars, &manifest);
+    again.assert_code(0);
     assert_eq!(
-        vm.exec_ok("sha256sum /usr/share/java/jenkins.war | cut -d' ' -f1"),
-        sha,
-        "the verified war stays in place"
+        finished(&again)["skipped_unchanged"],
+        true,
+        "{}",
+        again.stdout
     );
+    assert_eq!(finished(&again)["ami_id"], ami.as_str());
+    assert_eq!(cloud.served().len(), 1, "no instance launched");
 
     // Nothing ran and nothing was mounted at build time.
+    assert_eq!(
+        vm.exec_ok("sha256sum /usr/share/java/jenkins.war | cut -d' ' -f1"),
+        sha
+    );
     assert_eq!(vm.exec_ok("id -u jenkins"), JENKINS_UID.to_string());
     assert!(!vm
         .exec("systemctl is-active --quiet jenkins.service")
@@ -189,11 +235,75 @@ fn bake_controller(work: &Path, efs_fstype: &str) -> PathBuf {
     assert_eq!(vm.exec_ok("ls -A /var/lib/jenkins"), "");
     assert!(!vm.exec("mountpoint -q /var/lib/jenkins").status.success());
 
-    // jbake build's image hygiene, then the "snapshot".
-    drop(www);
+    drop((www, cloud));
     let archive = work.join("controller.tar.zst");
     snapshot_image(vm, &archive);
     archive
+}
+
+/// The controller recipe's variables for the tests: the stand-in war from `mirror`, and the
+/// bind mount's file system type accepted at JENKINS_HOME besides nfs4.
+fn controller_vars(mirror: &str, sha: &str, efs_fstype: &str) -> Vec<String> {
+    vec![
+        format!("jenkins_mirror={mirror}"),
+        format!("jenkins_war_sha256={sha}"),
+        format!("jenkins_home_fstypes=nfs4 {efs_fstype}"),
+    ]
+}
+
+/// A build of the controller on an instance launched from the image, with a wrong checksum
+/// for the war: refused with a message naming the step, the instance and both checksums;
+/// everything the build made is removed and the verified war stays in place.
+fn rebuild_with_a_wrong_checksum(
+    work: &Path,
+    moto: &Moto,
+    from_image: &Instance,
+    efs_fstype: &str,
+) {
+    let cloud = CloudInit::for_instance(moto, from_image);
+    let proxy = FaultProxy::start(&moto.endpoint());
+    let www = FileServer::start(&from_image.gateway, work.join("www"));
+    let before = from_image.exec_ok("sha256sum /usr/share/java/jenkins.war | cut -d' ' -f1");
+    let images = moto.resources(REGION).images.len();
+    let vars = controller_vars(&www.url(), &"0".repeat(64), efs_fstype);
+    let bad = bake(
+        &["controller", "--efs-id", EFS_ID],
+        moto,
+        &proxy,
+        from_image,
+        &vars,
+        &work.join("manifest.json"),
+    );
+    bad.assert_code(1);
+    assert!(
+        bad.stderr
+            .contains("step 6 'Jenkins 2.479.3 war, SHA-256 verified' (recipes/controller.yaml:")
+            && bad.stderr.contains(") exited 1 (attempt 3 of 3) on i-"),
+        "{}",
+        bad.stderr
+    );
+    assert!(
+        bad.stderr
+            .contains(&format!("has SHA-256 {before}, expected 0000")),
+        "{}",
+        bad.stderr
+    );
+    assert_nothing_left(moto, &build_id_of(&bad));
+    assert_eq!(moto.resources(REGION).images.len(), images, "no image");
+    assert_eq!(cloud.served().len(), 1);
+    // The steps before it found their work done (the image is their result).
+    let failed: Vec<u64> = bad
+        .statuses()
+        .into_iter()
+        .filter(|(_, s)| s == "failed")
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(failed.len(), 1, "{}", bad.stdout);
+    assert_eq!(
+        from_image.exec_ok("sha256sum /usr/share/java/jenkins.war | cut -d' ' -f1"),
+        before,
+        "the verified war stays in place"
+    );
 }
 
 #[test]
@@ -215,11 +325,11 @@ fn images_controller_serves_the_same_efs_state_on_a_new_instance_and_never_the_l
         .status()
         .expect("chmod");
     let moto = Moto::start();
+    let archive = bake_controller(work.path(), &fstype_of(&efs), &moto);
     let reader = ssm_reader(&moto);
     let (_, _) = keypair(work.path(), "agents");
     let agents_key = std::fs::read_to_string(work.path().join("agents")).expect("private key");
     moto.put_parameter("/devops-tools/jenkins/id_rsa", &agents_key, true);
-    let archive = bake_controller(work.path(), &fstype_of(&efs));
 
     // The image carries no private key at all (no host keys, no agent key, no build key).
     let keys = archive::private_keys(&archive);
@@ -402,6 +512,10 @@ fn images_controller_serves_the_same_efs_state_on_a_new_instance_and_never_the_l
         )
     );
     c.exec_ok("findmnt --verify --tab-file /etc/fstab");
+
+    // A rebuild on top of the image (C is an instance launched from it) with a wrong checksum.
+    moto.disable_iam_auth();
+    rebuild_with_a_wrong_checksum(work.path(), &moto, &c, &fstype_of(&efs));
     c.down();
     eprintln!("images: controller test in {:.1?}", total.elapsed());
 }
@@ -511,18 +625,32 @@ fn ssh_as(vm: &Instance, user: &str, key: &Path) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// Stops `vm`, runs jbake build's image hygiene first (src/build/cloud_init.rs), and writes
-/// its root file system to `archive`, the "AMI".
+/// Stops `vm` and writes its root file system to `archive`, the "AMI", after checking that
+/// jbake's image hygiene left nothing of the build's access on it.
 fn snapshot_image(mut vm: Instance, archive: &Path) {
-    let client_pub =
+    // The stand-in's own login key (the harness's way in, which a real base AMI does not
+    // have) is the only one left; the build's key pair is gone.
+    let harness_pub =
         std::fs::read_to_string(format!("{}.pub", vm.identity.display())).expect("client key");
-    let client_b64 = client_pub
+    let harness_key = harness_pub
         .split_whitespace()
         .nth(1)
         .expect("key body")
         .to_string();
-    let hygiene = jbake::build::cloud_init::hygiene_script(&client_b64);
-    vm.exec_ok(&format!("export JBAKE_TMP=/nonexistent\n{hygiene}"));
+    let keys = vm.exec_ok(&format!("cat /home/{}/.ssh/authorized_keys", vm.user));
+    assert!(
+        keys.lines().all(|l| l.contains(&harness_key)),
+        "the build's login key is still authorized: {keys}"
+    );
+    assert_eq!(
+        vm.exec_ok("ls /etc/ssh | grep -c '^ssh_host_' || true"),
+        "0"
+    );
+    assert_eq!(vm.exec_ok("wc -c < /etc/machine-id"), "0");
+    vm.exec_ok(&format!(
+        "f=/home/{}/.ssh/authorized_keys; grep -vF '{harness_key}' $f > $f.new || true; cat $f.new > $f; rm $f.new",
+        vm.user
+    ));
     vm.stop();
     let t = Instant::now();
     vm.snapshot(archive);
@@ -548,24 +676,30 @@ fn images_agent_accepts_the_controller_key_from_ssm_and_follows_its_rotation() {
         .tempdir_in("/var/tmp")
         .expect("tempdir");
     let moto = Moto::start();
-    let reader = ssm_reader(&moto);
     let (key1, pub1) = keypair(work.path(), "controller-1");
     let (key2, pub2) = keypair(work.path(), "controller-2");
     let param = "/devops-tools/jenkins/id_rsa.pub";
     moto.put_parameter(param, &pub1, true);
 
     let vm = Instance::builder("img-agent").up();
+    let cloud = CloudInit::for_instance(&moto, &vm);
+    let proxy = FaultProxy::start(&moto.endpoint());
     let t = Instant::now();
-    let run = apply(
+    let run = bake(
+        &["agent"],
+        &moto,
+        &proxy,
         &vm,
-        "recipes/agent.yaml",
         // The default tool list (the original's: pip, boto3, awscli, ansible, ...): about 50 s
         // of apt, while the controller test waits out its 90 s mount timeout in parallel.
         &["key_refresh_interval=5s".into()],
+        &work.path().join("manifest.json"),
     );
-    run.assert_code(0);
+    let ami = assert_baked(&moto, &run, "jenkins-agent");
+    assert_eq!(cloud.served().len(), 1, "{:?}", cloud.served());
+    drop(cloud);
     eprintln!(
-        "images: jbake apply agent.yaml in {:.1?} (Java via apt {:.1}s, git and tools {:.1}s)",
+        "images: jbake agent in {:.1?} -> {ami} (Java via apt {:.1}s, git and tools {:.1}s)",
         t.elapsed(),
         step_secs(&run, "Install Java"),
         step_secs(&run, "git and the build tools")
@@ -578,6 +712,7 @@ fn images_agent_accepts_the_controller_key_from_ssm_and_follows_its_rotation() {
     snapshot_image(vm, &archive);
     let keys = archive::private_keys(&archive);
     assert!(keys.is_empty(), "private keys in the agent image: {keys:?}");
+    let reader = ssm_reader(&moto);
 
     // Boot: the key sync retries until it can read SSM, then installs the controller's key.
     let t = Instant::now();
