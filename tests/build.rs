@@ -143,10 +143,43 @@ fn a_build_bakes_a_tagged_versioned_ami_and_leaves_nothing_behind() {
         build_cmd(&moto, &boot.endpoint(), &r, &vm.host, vm.port, &manifest)
     };
 
+    moto.start_recording();
     let out = run(build(), &[]);
+    moto.stop_recording();
     out.assert_code(0);
     let id = build_id_of(&out);
     let result = finished(&out);
+
+    // The launch asked for what a build instance must be: IMDSv2 only, an encrypted gp3 root
+    // volume sized by the recipe that goes with the instance, terminate on shutdown, tags on
+    // the instance and its volume.
+    let requests = moto.recorded_requests();
+    let launch = requests
+        .iter()
+        .find(|r| r.action == "RunInstances")
+        .unwrap_or_else(|| panic!("no RunInstances in {requests:?}"));
+    let p = |k: &str| launch.params.get(k).map(String::as_str);
+    assert_eq!(
+        p("MetadataOptions.HttpTokens"),
+        Some("required"),
+        "{launch:?}"
+    );
+    assert_eq!(p("InstanceInitiatedShutdownBehavior"), Some("terminate"));
+    assert_eq!(p("InstanceType"), Some("t3.micro"));
+    assert_eq!(p("BlockDeviceMapping.1.Ebs.Encrypted"), Some("true"));
+    assert_eq!(p("BlockDeviceMapping.1.Ebs.VolumeType"), Some("gp3"));
+    assert_eq!(p("BlockDeviceMapping.1.Ebs.VolumeSize"), Some("8"));
+    assert_eq!(
+        p("BlockDeviceMapping.1.Ebs.DeleteOnTermination"),
+        Some("true")
+    );
+    let tagged: Vec<&str> = (1..=4)
+        .filter_map(|n| p(&format!("TagSpecification.{n}.ResourceType")))
+        .collect();
+    assert!(
+        tagged.contains(&"instance") && tagged.contains(&"volume"),
+        "{launch:?}"
+    );
     let ami = result["ami_id"].as_str().expect("ami_id").to_string();
     let version = result["version"].as_str().expect("version").to_string();
     assert_eq!(result["skipped_unchanged"], false);
@@ -195,6 +228,7 @@ fn a_build_bakes_a_tagged_versioned_ami_and_leaves_nothing_behind() {
         .find(|i| i.tags.get("jbake:build-id") == Some(&id))
         .expect("the build instance is listed");
     assert_eq!(launched.state, "terminated");
+    assert_eq!(launched.http_tokens.as_deref(), Some("required"));
     assert!(launched.tags.contains_key("jbake:expires-at"));
     assert!(
         launched

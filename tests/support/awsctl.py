@@ -7,6 +7,7 @@ environment the Rust harness sets (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_
 Commands:
   resources {"region"}                 snapshot of EC2 state (instances, key pairs, ...)
   recorded {"recording"}               API action names in a moto recording (JSON lines)
+  recorded-requests {"recording"}      the same requests with their query/form parameters
   iam-user {"policy"}                  new IAM user with that inline policy -> access key
   put-parameter {"name","value","secure"}
   register-image {"name","tags"}       an AMI (from a fresh snapshot) to use as a base
@@ -59,6 +60,7 @@ def resources(args):
                     "image_id": i.get("ImageId"),
                     "key_name": i.get("KeyName"),
                     "user_data": decode_user_data(ec2, i["InstanceId"]),
+                    "http_tokens": (i.get("MetadataOptions") or {}).get("HttpTokens"),
                 })
     key_pairs = [
         {"name": k["KeyName"], "id": k.get("KeyPairId"), "tags": tags(k.get("Tags"))}
@@ -117,6 +119,31 @@ def action_of(entry):
         return action[0]
     # REST-JSON (e.g. the moto api itself) has no action name: method and path.
     return f"{entry.get('method')} {url.split('?', 1)[0]}"
+
+
+def params_of(entry):
+    """The query/form parameters of one recorded request, flattened ({"Name.1.Key": "v"})."""
+    body = entry.get("body") or ""
+    if entry.get("body_encoded"):
+        body = base64.b64decode(body).decode("utf-8", "replace")
+    if isinstance(body, bytes):
+        body = body.decode("utf-8", "replace")
+    url = entry.get("url") or ""
+    params = {}
+    for text in (url.split("?", 1)[1] if "?" in url else "", body):
+        for k, v in parse_qs(text).items():
+            params[k] = v[0]
+    return params
+
+
+def recorded_requests(args):
+    requests = []
+    for line in args["recording"].splitlines():
+        line = line.strip()
+        if line:
+            entry = json.loads(line)
+            requests.append({"action": action_of(entry), "params": params_of(entry)})
+    return requests
 
 
 def recorded(args):
@@ -209,6 +236,7 @@ def watch(args):
 COMMANDS = {
     "resources": resources,
     "recorded": recorded,
+    "recorded-requests": recorded_requests,
     "iam-user": iam_user,
     "put-parameter": put_parameter,
     "register-image": register_image,
@@ -220,7 +248,7 @@ def main():
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         sys.exit(f"usage: awsctl.py {{{'|'.join(COMMANDS)}}} [JSON_ARGS]")
     args = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
-    if sys.argv[1] == "recorded" and "recording" not in args:
+    if sys.argv[1] in ("recorded", "recorded-requests") and "recording" not in args:
         args["recording"] = sys.stdin.read()
     json.dump(COMMANDS[sys.argv[1]](args), sys.stdout)
 

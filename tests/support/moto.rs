@@ -263,6 +263,23 @@ impl Moto {
         serde_json::from_value(value).expect("awsctl recorded prints a list of names")
     }
 
+    /// The recorded requests with their query/form parameters, flattened the way the EC2
+    /// query protocol sends them (`BlockDeviceMapping.1.Ebs.Encrypted` = `true`).
+    pub fn recorded_requests(&self) -> Vec<RecordedRequest> {
+        let recording = match http(
+            self.port,
+            "GET",
+            "/moto-api/recorder/download-recording",
+            "text/plain",
+            "",
+        ) {
+            Ok((200, text)) => text,
+            other => panic!("moto download-recording: {other:?}"),
+        };
+        let value = self.awsctl_stdin("recorded-requests", serde_json::json!({}), &recording);
+        serde_json::from_value(value).expect("awsctl recorded-requests prints a list")
+    }
+
     /// Runs `awsctl.py COMMAND ARGS` with this server's environment; its JSON output.
     pub fn awsctl(&self, command: &str, args: serde_json::Value) -> serde_json::Value {
         self.awsctl_stdin(command, args, "")
@@ -394,6 +411,15 @@ pub struct InstanceInfo {
     pub key_name: Option<String>,
     /// The user data, base64-decoded.
     pub user_data: Option<String>,
+    /// `MetadataOptions.HttpTokens`: `required` is IMDSv2 only.
+    pub http_tokens: Option<String>,
+}
+
+/// One request moto recorded.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RecordedRequest {
+    pub action: String,
+    pub params: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
