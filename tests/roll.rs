@@ -652,6 +652,86 @@ fn roll_refuses_bad_targets_before_any_change() {
     );
 }
 
+/// Runs `jbake roll EXTRA` on a pseudo-terminal (util-linux `script`), typing `answer`;
+/// stdout and stderr arrive together, as a user sees them.
+fn roll_on_terminal(f: &Fixture, extra: &[&str], answer: &str) -> Run {
+    let cmd = f.roll_cmd(extra);
+    let quote = |s: &std::ffi::OsStr| format!("'{}'", s.to_string_lossy().replace('\'', r"'\''"));
+    let line = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(quote)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut script = Command::new("script");
+    script
+        .args([
+            "--quiet",
+            "--return",
+            "--echo",
+            "never",
+            "--command",
+            &line,
+            "/dev/null",
+        ])
+        .current_dir(cli::root())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => script.env(k, v),
+            None => script.env_remove(k),
+        };
+    }
+    let mut child = script.spawn().expect("run script");
+    let mut stdin = child.stdin.take().expect("script's stdin");
+    // The terminal buffers it until jbake reads its answer; stdin stays open until jbake
+    // exits (an early EOF would make script hang up the terminal).
+    stdin.write_all(answer.as_bytes()).expect("type the answer");
+    let out = child.wait_with_output().expect("wait for script");
+    drop(stdin);
+    Run::from_output(out)
+}
+
+#[test]
+fn roll_asks_on_a_terminal_and_no_changes_nothing() {
+    if !crate::support::prereq::require(
+        "script (util-linux) for a pseudo-terminal",
+        crate::support::prereq::has_program("script"),
+    ) {
+        return;
+    }
+    let f = fixture("1");
+    f.moto.start_recording();
+    let no = roll_on_terminal(&f, &[], "n\n");
+    f.moto.stop_recording();
+    no.assert_code(1);
+    let question = format!("roll group {GROUP} to {}? [y/N]", f.new_ami);
+    assert!(no.stdout.contains(&question), "{}", no.stdout);
+    assert!(
+        no.stdout.contains("not confirmed: nothing was changed"),
+        "{}",
+        no.stdout
+    );
+    assert_eq!(writes(&f.moto.recorded_actions()), Vec::<String>::new());
+    assert!(
+        f.jenkins.calls().iter().all(|c| c.starts_with("GET ")),
+        "{:?}",
+        f.jenkins.calls()
+    );
+    assert_untouched(&f, "1");
+
+    // The new image's Jenkins version answers once the controller is replaced.
+    f.jenkins.state.lock().expect("state").version = "2.479.3".into();
+    let yes = roll_on_terminal(&f, &["--health-timeout", "60s"], "y\n");
+    yes.assert_code(0);
+    assert!(yes.stdout.contains(&question), "{}", yes.stdout);
+    assert!(yes.stdout.contains("rolled group"), "{}", yes.stdout);
+    let running = f.running();
+    assert_eq!(running.len(), 1, "{running:?}");
+    assert_eq!(running[0].1, f.new_ami);
+}
+
 /// Checks that the group, the template and the instance are as the fixture made them.
 fn assert_untouched(f: &Fixture, group_version: &str) {
     let st = f.state();
@@ -787,7 +867,10 @@ fn roll_health_failure_rolls_back() {
             );
         }
     });
-    let run = f.roll(&["--yes", "--health-timeout", "3s"]);
+    // Long enough that, on a loaded machine too, the stop happens well before the deadline
+    // and the last failure seen is the target's health (not the version the stand-in answers
+    // before the stop).
+    let run = f.roll(&["--yes", "--health-timeout", "15s"]);
     run.assert_code(1);
     assert!(
         run.stderr
