@@ -306,10 +306,14 @@ impl Fixture {
     }
 
     fn roll_cmd(&self, extra: &[&str]) -> Command {
+        self.roll_cmd_at(&self.jenkins.url(), extra)
+    }
+
+    /// `jbake roll` with Jenkins at `url`.
+    fn roll_cmd_at(&self, url: &str, extra: &[&str]) -> Command {
         let mut cmd = jbake();
         self.moto.apply_env(&mut cmd);
-        let url = self.jenkins.url();
-        cmd.args(["roll", "--region", REGION, "--jenkins-url", &url])
+        cmd.args(["roll", "--region", REGION, "--jenkins-url", url])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -730,6 +734,228 @@ fn roll_asks_on_a_terminal_and_no_changes_nothing() {
     let running = f.running();
     assert_eq!(running.len(), 1, "{running:?}");
     assert_eq!(running[0].1, f.new_ami);
+}
+
+/// A TLS front for the Jenkins stand-in (Python's `ssl`, certificate from `openssl`): Jenkins
+/// behind HTTPS as users run it. Stopped by PID on drop.
+struct TlsFront {
+    child: std::process::Child,
+    port: u16,
+    ca: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+const TLS_FRONT_PY: &str = r#"
+import socket, ssl, sys, threading
+cert, key, upstream = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(16)
+print(srv.getsockname()[1], flush=True)
+def pump(a, b):
+    try:
+        while True:
+            data = a.recv(65536)
+            if not data:
+                break
+            b.sendall(data)
+    except OSError:
+        pass
+    for s in (a, b):
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+def serve(conn):
+    try:
+        tls = ctx.wrap_socket(conn, server_side=True)
+    except (ssl.SSLError, OSError):
+        conn.close()
+        return
+    up = socket.create_connection(("127.0.0.1", upstream))
+    threading.Thread(target=pump, args=(up, tls), daemon=True).start()
+    pump(tls, up)
+while True:
+    conn, _ = srv.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"#;
+
+impl TlsFront {
+    fn start(upstream: &str) -> TlsFront {
+        let dir = tempfile::tempdir().expect("temp folder");
+        let d = dir.path();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(d)
+                .output()
+                .expect("run openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        // A CA, and a server certificate for 127.0.0.1 signed by it.
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=jbake test CA",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        std::fs::write(
+            d.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("write ext.cnf");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "ext.cnf",
+        ]);
+        let port = upstream
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.trim_end_matches('/').parse::<u16>().ok())
+            .expect("stand-in port");
+        let mut child = Command::new("python3")
+            .args([
+                "-c",
+                TLS_FRONT_PY,
+                "server.pem",
+                "server.key",
+                &port.to_string(),
+            ])
+            .current_dir(d)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the TLS front");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+            &mut line,
+        )
+        .expect("read the TLS front's port");
+        let port = line.trim().parse().expect("the TLS front prints its port");
+        TlsFront {
+            child,
+            port,
+            ca: d.join("ca.pem"),
+            _dir: dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Jenkins behind HTTPS: with its CA trusted (SSL_CERT_FILE, as for any rustls/OpenSSL
+/// program) the whole roll runs over TLS; with an unknown CA jbake says it cannot verify the
+/// certificate and nothing is replaced.
+#[test]
+fn roll_talks_to_jenkins_over_https_and_refuses_an_unknown_certificate() {
+    if !crate::support::prereq::require(
+        "openssl for a test certificate",
+        crate::support::prereq::has_program("openssl"),
+    ) {
+        return;
+    }
+    let f = fixture("1");
+    let tls = TlsFront::start(&f.jenkins.url());
+    let url = tls.url();
+
+    // The machine's CAs only: the test CA is unknown.
+    let mut cmd = f.roll_cmd_at(&url, &["--yes"]);
+    cmd.env_remove("SSL_CERT_FILE").env_remove("SSL_CERT_DIR");
+    let untrusted = Run::from_output(cmd.output().expect("run jbake roll"));
+    eprintln!("unknown CA:\n{}", untrusted.stderr);
+    untrusted.assert_code(1);
+    for want in [
+        "cannot put Jenkins in quiet-down",
+        &url,
+        "invalid peer certificate",
+        "point SSL_CERT_FILE at that CA's PEM file",
+        "nothing was replaced: Jenkins is not left in quiet-down",
+    ] {
+        assert!(
+            untrusted.stderr.contains(want),
+            "{want}: {}",
+            untrusted.stderr
+        );
+    }
+    // The quiet-down never reached Jenkins: there was nothing to cancel.
+    assert!(
+        !untrusted.stderr.contains("could not be put back"),
+        "{}",
+        untrusted.stderr
+    );
+    assert_untouched(&f, "1");
+    assert_eq!(f.running(), vec![(f.instance.clone(), f.old_ami.clone())]);
+    assert!(
+        f.jenkins.calls().iter().all(|c| c.starts_with("GET ")) || f.jenkins.calls().is_empty(),
+        "{:?}",
+        f.jenkins.calls()
+    );
+
+    f.jenkins.state.lock().expect("state").version = "2.479.3".into();
+    let mut cmd = f.roll_cmd_at(&url, &["--yes", "--health-timeout", "60s"]);
+    cmd.env("SSL_CERT_FILE", &tls.ca).env_remove("SSL_CERT_DIR");
+    let run = Run::from_output(cmd.output().expect("run jbake roll"));
+    run.assert_code(0);
+    assert!(run.stdout.contains("rolled group"), "{}", run.stdout);
+    let calls = f.jenkins.calls();
+    // Quiet-down (a POST with the crumb) went through TLS.
+    index_of(&calls, "POST /quietDown");
+    assert_eq!(f.running().len(), 1);
+    assert_eq!(f.running()[0].1, f.new_ami);
 }
 
 /// Checks that the group, the template and the instance are as the fixture made them.

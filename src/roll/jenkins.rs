@@ -37,6 +37,18 @@ pub enum Error {
     },
     #[error("--jenkins-url {0}: {1}")]
     BadUrl(String, String),
+    /// A change request (quiet-down, cancel) that failed before it was sent: Jenkins did not
+    /// get it, so there is nothing to undo.
+    #[error(transparent)]
+    NotSent(Box<Error>),
+}
+
+impl Error {
+    /// Whether the request surely never reached Jenkins (the connection or the TLS handshake
+    /// failed, or the crumb that must come first could not be had).
+    pub fn not_sent(&self) -> bool {
+        matches!(self, Error::NotSent(_))
+    }
 }
 
 /// What `/login` answered.
@@ -161,11 +173,21 @@ impl Jenkins {
             detail,
         };
         let work = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| unreachable(error_chain(&e)))?;
+            let resp = self.client.request(req).await.map_err(|e| {
+                let mut detail = error_chain(&e);
+                if detail.contains("certificate") {
+                    detail.push_str(
+                        "; if Jenkins' certificate comes from a private CA, point SSL_CERT_FILE at that CA's PEM file",
+                    );
+                }
+                let err = unreachable(detail);
+                // No connection (refused, TLS handshake): the request was never sent.
+                if e.is_connect() {
+                    Error::NotSent(Box::new(err))
+                } else {
+                    err
+                }
+            })?;
             let status = resp.status().as_u16();
             let header = |name: &str| {
                 resp.headers()
@@ -262,7 +284,10 @@ impl Jenkins {
     }
 
     async fn post(&self, path: &str, what: &str) -> Result<(), Error> {
-        let extra = self.crumb().await?;
+        let extra = self
+            .crumb()
+            .await
+            .map_err(|e| Error::NotSent(Box::new(e)))?;
         let a = self
             .call(http::Method::POST, path, what, &extra, true)
             .await?;

@@ -534,7 +534,7 @@ pub async fn execute(
 fn left_as_it_was(failed: &[String], new_version: i64) -> String {
     if failed.is_empty() {
         format!(
-            "nothing was replaced: quiet-down was cancelled and the group and the template's default are as they were (launch template version {new_version} stays, unused)"
+            "nothing was replaced: Jenkins is not left in quiet-down, and the group and the template's default are as they were (launch template version {new_version} stays, unused)"
         )
     } else {
         format!(
@@ -553,10 +553,14 @@ async fn drain(
     progress: &Progress,
 ) -> Result<Option<Instant>, String> {
     let j = &p.jenkins;
+    // Recorded before the request: a quiet-down whose answer was lost must still be cancelled.
     journal.update(|s| s.quiet_down = true);
-    j.quiet_down()
-        .await
-        .map_err(|e| format!("cannot put Jenkins in quiet-down: {e}"))?;
+    if let Err(e) = j.quiet_down().await {
+        if e.not_sent() {
+            journal.update(|s| s.quiet_down = false);
+        }
+        return Err(format!("cannot put Jenkins in quiet-down: {e}"));
+    }
     progress.info(
         "draining",
         &format!(
