@@ -15,6 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use crate::support::bake::{BASE_PARAM, BOOTING};
 use crate::support::cli::{jbake, write, Run};
 use crate::support::instance::Instance;
 use crate::support::moto::{CloudInit, FaultProxy, Moto};
@@ -22,9 +23,6 @@ use crate::support::prereq;
 use crate::support::sshd::{self, Sshd};
 
 const REGION: &str = "us-east-1";
-/// A public parameter moto has (it has no Debian ones).
-pub(crate) const BASE_PARAM: &str =
-    "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64";
 
 fn recipe(dir: &Path, user: &str, steps: &str) -> PathBuf {
     write(
@@ -57,13 +55,6 @@ fn build_cmd(
         .args(["--output", "json"]);
     c
 }
-
-/// moto reports an instance `running` in RunInstances' own answer, before the harness has
-/// played cloud-init's part (on EC2, sshd only answers once cloud-init installed the host key).
-/// Holding the first DescribeInstances answer back for a few seconds gives [`CloudInit`] that
-/// time, so jbake never meets the previous build's host key.
-pub(crate) const BOOTING: &str =
-    r#"[{"action": "DescribeInstances", "delay_ms": 4000, "times": 1}]"#;
 
 fn run(mut c: Command, extra: &[&str]) -> Run {
     Run::from_output(c.args(extra).output().expect("run jbake"))

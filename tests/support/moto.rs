@@ -128,7 +128,7 @@ impl Moto {
 
     fn spawn(&mut self, port: u16) -> bool {
         let log = fs::File::create(self.log_path()).expect("create the moto log");
-        let mut child = Command::new("python3")
+        let mut child = super::command("python3")
             .args(["-m", "moto.server", "-H", "127.0.0.1", "-p"])
             .arg(port.to_string())
             .current_dir(self.dir.path())
@@ -292,7 +292,7 @@ impl Moto {
         stdin: &str,
     ) -> serde_json::Value {
         let (key, secret) = self.creds.lock().expect("creds lock").clone();
-        let mut cmd = Command::new("python3");
+        let mut cmd = super::command("python3");
         cmd.arg(helper("awsctl.py"))
             .arg(command)
             .arg(args.to_string())
@@ -548,7 +548,7 @@ pub struct FaultProxy {
 impl FaultProxy {
     /// Starts the proxy on a free 127.0.0.1 port, forwarding to `upstream_endpoint`.
     pub fn start(upstream_endpoint: &str) -> FaultProxy {
-        let mut child = Command::new("python3")
+        let mut child = super::command("python3")
             .arg(helper("fault_proxy.py"))
             .arg(upstream_endpoint)
             .stdin(Stdio::null())
@@ -679,7 +679,7 @@ impl CloudInit {
 
     fn start(moto: &Moto, tag_key: Option<&str>, target: Target) -> CloudInit {
         let (key, secret) = moto.creds.lock().expect("creds lock").clone();
-        let mut cmd = Command::new("python3");
+        let mut cmd = super::command("python3");
         cmd.arg(helper("awsctl.py"))
             .arg("watch")
             .arg(
@@ -849,7 +849,7 @@ fn serve_instance(
         "systemctl reload ssh 2>/dev/null || systemctl reload sshd 2>/dev/null || pkill -HUP -x sshd\n\
          cat /etc/ssh/ssh_host_ed25519_key.pub\n",
     );
-    let out = Command::new(super::instance::script())
+    let out = super::command(super::instance::script())
         .args(["exec", name, "--", "sh", "-c", &script])
         .stdin(Stdio::null())
         .output()
