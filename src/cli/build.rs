@@ -282,6 +282,7 @@ async fn bake(opts: BuildOptions, output: Output, quiet: bool) -> Result<(), Fai
     let outcome = tokio::select! {
         r = build::run(&opts, &aws, &undo, &build_id, &mut progress, broker) => Some(r),
         what = interrupted() => {
+            progress.abandon_step();
             progress.warn(&format!("interrupted {what}: stopping the build and removing what it made"));
             None
         }
