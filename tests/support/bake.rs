@@ -26,11 +26,13 @@ pub const BASE_PARAM: &str =
 
 /// moto reports an instance `running` in RunInstances' own answer, before the harness has
 /// played cloud-init's part (on EC2, sshd only answers once cloud-init installed the host key).
-/// Holding the first DescribeInstances answer back for a few seconds gives [`CloudInit`] that
-/// time, so jbake never meets the previous build's host key.
+/// Holding the first DescribeInstances answer after the launch back for a few seconds gives
+/// [`CloudInit`] that time, so jbake never meets the previous build's host key. A build that
+/// launches nothing (unchanged, or failed before the launch) is not held back.
 ///
 /// [`CloudInit`]: super::moto::CloudInit
-pub const BOOTING: &str = r#"[{"action": "DescribeInstances", "delay_ms": 4000, "times": 1}]"#;
+pub const BOOTING: &str =
+    r#"[{"action": "DescribeInstances", "after": "RunInstances", "delay_ms": 4000, "times": 1}]"#;
 
 /// The EFS id the controller is baked for (checked offline; nothing is mounted at build time).
 pub const EFS_ID: &str = "fs-0123456789abcdef0";
