@@ -196,6 +196,19 @@ impl Progress {
         }
     }
 
+    /// The running step was cut off (Ctrl-C): its spinner gives way to a line saying so, so
+    /// that what follows (the cleanup) is not printed under a spinner that still ticks.
+    pub fn abandon_step(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            let (what, took) = (bar.prefix(), bar.elapsed());
+            bar.finish_and_clear();
+            self.line(&format!(
+                "✗ {what} interrupted after {}",
+                fmt_duration(took)
+            ));
+        }
+    }
+
     pub fn step_finished(
         &mut self,
         step: &Step,

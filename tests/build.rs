@@ -15,6 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use crate::support::bake::{BASE_PARAM, BOOTING};
 use crate::support::cli::{jbake, write, Run};
 use crate::support::instance::Instance;
 use crate::support::moto::{CloudInit, FaultProxy, Moto};
@@ -22,9 +23,6 @@ use crate::support::prereq;
 use crate::support::sshd::{self, Sshd};
 
 const REGION: &str = "us-east-1";
-/// A public parameter moto has (it has no Debian ones).
-pub(crate) const BASE_PARAM: &str =
-    "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64";
 
 fn recipe(dir: &Path, user: &str, steps: &str) -> PathBuf {
     write(
@@ -57,13 +55,6 @@ fn build_cmd(
         .args(["--output", "json"]);
     c
 }
-
-/// moto reports an instance `running` in RunInstances' own answer, before the harness has
-/// played cloud-init's part (on EC2, sshd only answers once cloud-init installed the host key).
-/// Holding the first DescribeInstances answer back for a few seconds gives [`CloudInit`] that
-/// time, so jbake never meets the previous build's host key.
-pub(crate) const BOOTING: &str =
-    r#"[{"action": "DescribeInstances", "delay_ms": 4000, "times": 1}]"#;
 
 fn run(mut c: Command, extra: &[&str]) -> Run {
     Run::from_output(c.args(extra).output().expect("run jbake"))
@@ -570,6 +561,67 @@ fn sigint_and_sigterm_stop_the_build_and_remove_everything() {
     sshd::kill(&[child.id()], "INT");
     let out = finish(child, lines);
     out.assert_code(130);
+    assert_nothing_left(&q.moto, &id);
+}
+
+#[test]
+fn a_cleanup_that_fails_says_what_is_left_and_the_gc_command() {
+    let Some(q) = quick() else { return };
+    let mut child = spawn(q.build("steps:\n  - name: long\n    run: echo started; sleep 60\n"));
+    let (lines, id) = follow(&mut child);
+    wait_for_line(&lines, "started");
+    // From now on nothing can be deleted (like an endpoint or a permission that went away).
+    q.boot.set(
+        r#"[{"action": "TerminateInstances", "status": 400, "code": "UnauthorizedOperation", "message": "injected: no terminate"},
+            {"action": "DeleteSecurityGroup", "status": 400, "code": "UnauthorizedOperation", "message": "injected: no delete"},
+            {"action": "DeleteKeyPair", "status": 400, "code": "UnauthorizedOperation", "message": "injected: no delete"}]"#,
+    );
+    sshd::kill(&[child.id()], "INT");
+    let out = finish(child, lines);
+    out.assert_code(130);
+    let last = out.stderr.lines().last().unwrap_or_default().to_string();
+    let left = q.moto.resources(REGION).tagged_with_build(&id);
+    assert!(!left.is_empty(), "the faults kept nothing alive");
+    assert!(
+        !out.stderr.contains("were removed"),
+        "claims a cleanup that failed: {}",
+        out.stderr
+    );
+    assert!(
+        last.starts_with(&format!(
+            "error: interrupted (build {id}); its cleanup failed, these are left: "
+        )) && last.ends_with(&format!(
+            "; `jbake gc --region {REGION} --build-id {id}` removes them"
+        )),
+        "{}",
+        out.stderr
+    );
+    for what in &left {
+        // "instance i-…", "key-pair jbake-…", "security-group sg-… (name)"
+        let (kind, rest) = what.split_once(' ').expect("kind and id");
+        let name = rest.split_whitespace().next().expect("id");
+        let kind = kind.replace('-', " ");
+        assert!(
+            last.contains(&format!("{kind} {name}")),
+            "{what} is not named: {last}"
+        );
+        assert_eq!(last.matches(name).count(), 1, "{name} twice: {last}");
+    }
+
+    // The command it names removes them.
+    q.boot.set("[]");
+    let mut gc = jbake();
+    q.moto.apply_env(&mut gc);
+    let gc_cmd = last
+        .rsplit_once("; `")
+        .and_then(|(_, c)| c.split_once('`'))
+        .map(|(c, _)| c.to_string())
+        .expect("a command in backquotes");
+    let words: Vec<&str> = gc_cmd.split_whitespace().collect();
+    assert_eq!(words[0], "jbake", "{gc_cmd}");
+    gc.args(&words[1..])
+        .args(["--endpoint-url", &q.moto.endpoint()]);
+    run(gc, &[]).assert_code(0);
     assert_nothing_left(&q.moto, &id);
 }
 

@@ -15,62 +15,17 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
-
-use crate::build::{assert_nothing_left, build_id_of, finished, BASE_PARAM, BOOTING};
+use crate::build::{assert_nothing_left, build_id_of, finished};
 use crate::support::archive;
-use crate::support::cli::{jbake, Run};
+use crate::support::bake::{bake_command, build_standin, controller_vars, prerequisites, EFS_ID};
+use crate::support::cli::Run;
 use crate::support::instance::Instance;
 use crate::support::moto::{CloudInit, FaultProxy, Moto};
 use crate::support::net::{http, FileServer, Forwarder, Imds};
 use crate::support::prereq;
 
 const REGION: &str = "us-east-1";
-const EFS_ID: &str = "fs-0123456789abcdef0";
 const JENKINS_UID: u32 = 3000;
-const JENKINS_VERSION: &str = "2.479.3";
-
-fn prerequisites() -> bool {
-    prereq::instance_tier()
-        & prereq::moto()
-        & prereq::require(
-            "javac (JDK 17+) for the Jenkins stand-in",
-            prereq::has_program("javac"),
-        )
-        & prereq::require(
-            "jar (JDK) for the Jenkins stand-in",
-            prereq::has_program("jar"),
-        )
-}
-
-/// Builds the stand-in war under `www/<version>/jenkins.war`; returns its SHA-256.
-fn build_standin(work: &Path) -> String {
-    let src =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/jenkins-standin/Jenkins.java");
-    let classes = work.join("classes");
-    let war = work.join("www").join(JENKINS_VERSION).join("jenkins.war");
-    std::fs::create_dir_all(war.parent().expect("parent")).expect("mkdir www");
-    let ok = Command::new("javac")
-        .args(["--release", "17", "-d"])
-        .arg(&classes)
-        .arg(&src)
-        .status()
-        .expect("run javac")
-        .success();
-    assert!(ok, "javac failed");
-    let ok = Command::new("jar")
-        .args(["--create", "--file"])
-        .arg(&war)
-        .args(["--main-class", "Jenkins", "-C"])
-        .arg(&classes)
-        .arg(".")
-        .status()
-        .expect("run jar")
-        .success();
-    assert!(ok, "jar failed");
-    let bytes = std::fs::read(&war).expect("read the war");
-    format!("{:x}", Sha256::digest(&bytes))
-}
 
 /// The file system type the guest sees for a bind mount of `dir` (that of the host folder).
 fn fstype_of(dir: &Path) -> String {
@@ -118,9 +73,8 @@ fn wait_for_jenkins(vm: &Instance, timeout: Duration) -> crate::support::net::Re
     }
 }
 
-/// `jbake controller|agent ARGS` against moto (through `proxy`, which holds the first
-/// DescribeInstances back while [`CloudInit`] installs the user-data host key on `vm`), with SSH
-/// going to the nspawn `vm`. Events in JSON.
+/// `jbake controller|agent ARGS` against moto with SSH going to the nspawn `vm`
+/// ([`bake_command`], what `scripts/demo` runs too). Events in JSON.
 fn bake(
     args: &[&str],
     moto: &Moto,
@@ -129,20 +83,8 @@ fn bake(
     vars: &[String],
     manifest: &Path,
 ) -> Run {
-    proxy.set(BOOTING);
-    let mut cmd = jbake();
-    moto.apply_env(&mut cmd);
-    cmd.args(args)
-        .args(["--region", REGION, "--endpoint-url", &proxy.endpoint()])
-        // moto has no Debian parameters; the recipe's base stays the default everywhere else.
-        .args(["--base-ssm-parameter", BASE_PARAM])
-        .args(["--ssh-host", &vm.host, "--ssh-port", &vm.port.to_string()])
-        .args(["--ssh-cidr", &format!("{}/32", vm.host)])
-        .args(["--connect-timeout", "60s", "--output", "json"])
-        .args(["--manifest", &manifest.display().to_string()]);
-    for v in vars {
-        cmd.args(["--var", v]);
-    }
+    let mut cmd = bake_command(args, moto, proxy, vm, vars, manifest);
+    cmd.args(["--output", "json"]);
     Run::from_output(cmd.output().expect("run jbake"))
 }
 
@@ -193,7 +135,7 @@ fn bake_controller(work: &Path, efs_fstype: &str, moto: &Moto) -> PathBuf {
     let proxy = FaultProxy::start(&moto.endpoint());
     let www = FileServer::start(&vm.gateway, work.join("www"));
     let manifest = work.join("manifest.json");
-    let vars = controller_vars(&www.url(), &sha, efs_fstype);
+    let vars = test_controller_vars(&www.url(), &sha, efs_fstype);
     let args = ["controller", "--efs-id", EFS_ID];
 
     let t = Instant::now();
@@ -243,12 +185,10 @@ fn bake_controller(work: &Path, efs_fstype: &str, moto: &Moto) -> PathBuf {
 
 /// The controller recipe's variables for the tests: the stand-in war from `mirror`, and the
 /// bind mount's file system type accepted at JENKINS_HOME besides nfs4.
-fn controller_vars(mirror: &str, sha: &str, efs_fstype: &str) -> Vec<String> {
-    vec![
-        format!("jenkins_mirror={mirror}"),
-        format!("jenkins_war_sha256={sha}"),
-        format!("jenkins_home_fstypes=nfs4 {efs_fstype}"),
-    ]
+fn test_controller_vars(mirror: &str, sha: &str, efs_fstype: &str) -> Vec<String> {
+    let mut vars = controller_vars(mirror, sha);
+    vars.push(format!("jenkins_home_fstypes=nfs4 {efs_fstype}"));
+    vars
 }
 
 /// A build of the controller on an instance launched from the image, with a wrong checksum
@@ -265,7 +205,7 @@ fn rebuild_with_a_wrong_checksum(
     let www = FileServer::start(&from_image.gateway, work.join("www"));
     let before = from_image.exec_ok("sha256sum /usr/share/java/jenkins.war | cut -d' ' -f1");
     let images = moto.resources(REGION).images.len();
-    let vars = controller_vars(&www.url(), &"0".repeat(64), efs_fstype);
+    let vars = test_controller_vars(&www.url(), &"0".repeat(64), efs_fstype);
     let bad = bake(
         &["controller", "--efs-id", EFS_ID],
         moto,

@@ -282,12 +282,17 @@ async fn bake(opts: BuildOptions, output: Output, quiet: bool) -> Result<(), Fai
     let outcome = tokio::select! {
         r = build::run(&opts, &aws, &undo, &build_id, &mut progress, broker) => Some(r),
         what = interrupted() => {
+            progress.abandon_step();
             progress.warn(&format!("interrupted {what}: stopping the build and removing what it made"));
             None
         }
     };
     let failed = !matches!(outcome, Some(Ok(_)));
-    if failed && opts.on_error == OnError::Abort {
+    let gc_hint = format!(
+        "`jbake gc --region {} --build-id {build_id}` removes them",
+        opts.aws.region
+    );
+    let left = if failed && opts.on_error == OnError::Abort {
         let left = undo.remaining();
         let mut text = String::from("--on-error abort: these were left for debugging:");
         for r in &left {
@@ -298,9 +303,17 @@ async fn bake(opts: BuildOptions, output: Output, quiet: bool) -> Result<(), Fai
             opts.aws.region
         ));
         progress.warn(&text);
+        if left.is_empty() {
+            Leftovers::default()
+        } else {
+            Leftovers {
+                kept: left.iter().map(|r| r.to_string()).collect(),
+                ..Leftovers::default()
+            }
+        }
     } else {
-        cleanup(&aws, &undo, &build_id, &progress).await;
-    }
+        cleanup(&aws, &undo, &build_id, &progress).await
+    };
     match outcome {
         Some(Ok(built)) => {
             progress.result(&built);
@@ -308,30 +321,76 @@ async fn bake(opts: BuildOptions, output: Output, quiet: bool) -> Result<(), Fai
         }
         Some(Err(e)) => Err(match e {
             build::Error::Recipe(e) => Failure::Input(e.into()),
-            other => Failure::Runtime(anyhow::anyhow!("build {build_id} failed: {other}")),
+            other => Failure::Runtime(match left.sentence(&gc_hint) {
+                None => anyhow::anyhow!("build {build_id} failed: {other}"),
+                Some(left) => anyhow::anyhow!("build {build_id} failed: {other}\n{left}"),
+            }),
         }),
         None => Err(Failure::Interrupted(format!(
-            "(build {build_id}); its temporary resources were removed"
+            "(build {build_id}); {}",
+            left.sentence(&gc_hint)
+                .unwrap_or_else(|| "its temporary resources were removed".to_string())
         ))),
+    }
+}
+
+/// What a build's cleanup did not remove, for its last line.
+#[derive(Debug, Default)]
+struct Leftovers {
+    /// Left on purpose (`--on-error abort`).
+    kept: Vec<String>,
+    /// Could not be removed (each once, with the last error).
+    failed: Vec<String>,
+    /// Why the sweep by tag could not look for what the build made but could not record.
+    unchecked: Option<String>,
+}
+
+impl Leftovers {
+    /// `None` when everything was removed and checked; else what is left and what to do.
+    fn sentence(&self, gc_hint: &str) -> Option<String> {
+        if !self.kept.is_empty() {
+            Some(format!(
+                "left for debugging (--on-error abort): {}; {gc_hint}",
+                self.kept.join(", ")
+            ))
+        } else if !self.failed.is_empty() {
+            Some(format!(
+                "its cleanup failed, these are left: {}; {gc_hint}",
+                self.failed.join("; ")
+            ))
+        } else {
+            self.unchecked.as_ref().map(|why| {
+                format!(
+                    "what it recorded was removed, but it could not check for leftovers ({why}); \
+                     {}",
+                    gc_hint.replace(" removes them", " finds and removes any")
+                )
+            })
+        }
     }
 }
 
 /// Undoes what the build recorded, then sweeps by tag for anything it made but could not record
 /// (an API call cut off by Ctrl-C). A second Ctrl-C only says what is still being removed.
-async fn cleanup(aws: &Aws, undo: &Undo, build_id: &str, progress: &Progress) {
+/// Returns what is left.
+async fn cleanup(aws: &Aws, undo: &Undo, build_id: &str, progress: &Progress) -> Leftovers {
     let work = async {
         let mut failed = undo.run(aws, progress).await;
         let sel = gc::Selector {
             older_than: None,
             build_id: Some(build_id.to_string()),
         };
+        let mut unchecked = None;
         match gc::find(aws, &sel).await {
             Ok(found) => failed.extend(gc::remove(aws, &found, progress).await),
-            Err(e) => progress.warn(&format!(
-                "could not check for leftovers of build {build_id}: {e}"
-            )),
+            Err(e) => {
+                progress.warn(&format!(
+                    "could not check for leftovers of build {build_id}: {e}"
+                ));
+                unchecked = Some(e.to_string());
+            }
         }
-        failed
+        (failed, unchecked)
     };
     let nag = async {
         loop {
@@ -343,17 +402,32 @@ async fn cleanup(aws: &Aws, undo: &Undo, build_id: &str, progress: &Progress) {
             );
         }
     };
-    let failed = tokio::select! {
+    let (failed, unchecked) = tokio::select! {
         f = work => f,
-        _ = nag => Vec::new(),
+        _ = nag => (Vec::new(), None),
     };
-    if !failed.is_empty() {
-        let list: Vec<String> = failed.iter().map(|(r, e)| format!("{r} ({e})")).collect();
+    // A resource the undo stack failed on is found again by the sweep: name it once, with the
+    // last error.
+    let mut left: Vec<(String, String)> = Vec::new();
+    for (r, e) in &failed {
+        let name = r.to_string();
+        match left.iter_mut().find(|(n, _)| *n == name) {
+            Some(entry) => entry.1 = e.to_string(),
+            None => left.push((name, e.to_string())),
+        }
+    }
+    if !left.is_empty() {
+        let list: Vec<String> = left.iter().map(|(r, e)| format!("{r} ({e})")).collect();
         progress.warn(&format!(
             "cleanup could not remove: {}; they are tagged jbake:build-id={build_id}: `jbake gc --region {} --build-id {build_id}` removes them",
             list.join("; "),
             aws.region
         ));
+    }
+    Leftovers {
+        kept: Vec::new(),
+        failed: left.into_iter().map(|(r, _)| r).collect(),
+        unchecked,
     }
 }
 

@@ -3,9 +3,29 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+/// The jbake binary: the one cargo built for the tests (`CARGO_BIN_EXE_jbake`, known when
+/// the integration tests are compiled); for an example (`examples/sandbox.rs`), which cargo
+/// does not tell, `JBAKE_BIN`, else `jbake` next to the example's folder
+/// (`target/debug/examples/sandbox` → `target/debug/jbake`).
+pub fn jbake_bin() -> PathBuf {
+    if let Some(built) = option_env!("CARGO_BIN_EXE_jbake") {
+        return PathBuf::from(built);
+    }
+    if let Some(bin) = std::env::var_os("JBAKE_BIN") {
+        return PathBuf::from(bin);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("jbake")))
+        .filter(|bin| bin.is_file())
+        .unwrap_or_else(|| {
+            panic!("no jbake binary next to this program: build it (cargo build --bin jbake) or set JBAKE_BIN")
+        })
+}
+
 /// The built binary under test.
 pub fn jbake() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_jbake"));
+    let mut c = super::command(jbake_bin());
     c.current_dir(env!("CARGO_MANIFEST_DIR"));
     c.stdin(Stdio::null());
     // Tests must not pick up the developer's environment.

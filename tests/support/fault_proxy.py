@@ -9,7 +9,8 @@ Control endpoints (on the proxy itself, never forwarded):
   GET  /__fault__/log     JSON list of {"action", "fault"} for every request seen
 
 A rule: {"action": "CreateImage", "status": 500, "code": "InternalError",
-"message": "...", "times": N (default unlimited), "delay_ms": M, "drop": true}.
+"message": "...", "times": N (default unlimited), "delay_ms": M, "drop": true,
+"after": "RunInstances" (only once that action was seen since the rules were set)}.
 The first rule whose action matches (and has times left) applies: it waits
 delay_ms, then closes the connection without an answer (drop), or answers with an
 EC2-style XML error (status given), or (delay only) forwards.
@@ -29,6 +30,7 @@ UPSTREAM = urlsplit(sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:5000
 LOCK = threading.Lock()
 RULES = []
 LOG = []
+SEEN = set()  # actions seen since the rules were last set (for "after")
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
                "proxy-connection", "proxy-authenticate", "proxy-authorization"}
 
@@ -53,6 +55,8 @@ def take_rule(action):
     with LOCK:
         for rule in RULES:
             if rule.get("action") not in (action, "*"):
+                continue
+            if rule.get("after") and rule["after"] not in SEEN:
                 continue
             times = rule.get("times")
             if times is not None:
@@ -81,11 +85,12 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _control(self, body):
-        global RULES
+        global RULES, SEEN
         if self.command == "POST" and self.path == "/__fault__/rules":
             rules = json.loads(body or b"[]")
             with LOCK:
                 RULES = rules
+                SEEN = set()
             self._reply(200, b"ok", "text/plain")
         elif self.command == "GET" and self.path == "/__fault__/log":
             with LOCK:
@@ -100,6 +105,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._control(body)
         action = action_of(self.path, self.headers, body)
         rule = take_rule(action) if action else None
+        with LOCK:
+            SEEN.add(action)
         if rule and rule.get("delay_ms"):
             time.sleep(rule["delay_ms"] / 1000.0)
         injected = bool(rule) and (rule.get("drop") or rule.get("status") is not None)

@@ -23,7 +23,7 @@ pub fn script() -> PathBuf {
 
 /// Builds (once per machine, cached) or reuses the base image; returns its path.
 pub fn base_image() -> PathBuf {
-    let out = Command::new(script())
+    let out = super::command(script())
         .arg("rootfs")
         .stderr(Stdio::inherit())
         .output()
@@ -37,7 +37,7 @@ pub fn base_image() -> PathBuf {
 fn prune_once() {
     static PRUNED: OnceLock<()> = OnceLock::new();
     PRUNED.get_or_init(|| {
-        let status = Command::new(script())
+        let status = super::command(script())
             .arg("prune")
             .stdin(Stdio::null())
             .status()
@@ -91,7 +91,7 @@ impl Builder {
     /// Boots the instance and waits until its sshd answers.
     pub fn up(self) -> Instance {
         prune_once();
-        let mut cmd = Command::new(script());
+        let mut cmd = super::command(script());
         cmd.arg("up").arg(&self.name);
         if let Some(image) = &self.image {
             cmd.arg("--image").arg(image);
@@ -227,7 +227,7 @@ impl Instance {
 
     /// Runs a shell command as root inside the guest (not over SSH).
     pub fn exec(&self, command: &str) -> Output {
-        Command::new(script())
+        super::command(script())
             .args(["exec", &self.name, "--", "sh", "-c", command])
             .stdin(Stdio::null())
             .output()
@@ -288,7 +288,7 @@ impl Instance {
     }
 
     fn run_script(&self, args: &[&str]) {
-        let status = Command::new(script())
+        let status = super::command(script())
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::inherit())
@@ -308,7 +308,7 @@ impl Drop for Instance {
         if !self.down_on_drop {
             return;
         }
-        match Command::new(script())
+        match super::command(script())
             .args(["down", &self.name])
             .stdin(Stdio::null())
             .status()

@@ -36,6 +36,8 @@ pub const REGION: &str = "us-east-1";
 /// The tag jbake puts on everything a build creates.
 pub const BUILD_TAG: &str = "jbake:build-id";
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// The AWS config and credentials file of every client of a [`Moto`]: empty.
+const EMPTY_AWS_FILE: &str = "empty-aws-file";
 
 /// A python helper of this folder (`awsctl.py`, `fault_proxy.py`).
 fn helper(name: &str) -> PathBuf {
@@ -108,6 +110,7 @@ impl Moto {
             .prefix("jbake-moto-")
             .tempdir()
             .expect("create the moto temp folder");
+        fs::write(dir.path().join(EMPTY_AWS_FILE), "").expect("create an empty AWS config file");
         let mut moto = Moto {
             dir,
             port: 0,
@@ -128,7 +131,7 @@ impl Moto {
 
     fn spawn(&mut self, port: u16) -> bool {
         let log = fs::File::create(self.log_path()).expect("create the moto log");
-        let mut child = Command::new("python3")
+        let mut child = super::command("python3")
             .args(["-m", "moto.server", "-H", "127.0.0.1", "-p"])
             .arg(port.to_string())
             .current_dir(self.dir.path())
@@ -188,16 +191,16 @@ impl Moto {
 
     /// The environment an AWS client (jbake, the SDK, boto3) needs to talk to this
     /// server only: fixed `testing` credentials, the region, the endpoint, no instance
-    /// metadata, and config/credentials files that do not exist, so nothing of the
-    /// host's AWS setup leaks in.
+    /// metadata, and empty config/credentials files, so nothing of the host's AWS setup
+    /// leaks in (files that do not exist would do too, but the SDK warns about them).
     pub fn env(&self) -> Vec<(String, String)> {
         self.env_with(&self.endpoint(), "testing", "testing")
     }
 
     /// [`env`](Self::env) with another endpoint and credentials (a [`FaultProxy`], an IAM user).
     pub fn env_with(&self, endpoint: &str, key: &str, secret: &str) -> Vec<(String, String)> {
-        let missing = self.dir.path().join("no-such-aws-file");
-        let missing = missing.display().to_string();
+        let empty = self.dir.path().join(EMPTY_AWS_FILE);
+        let empty = empty.display().to_string();
         [
             ("AWS_ACCESS_KEY_ID", key),
             ("AWS_SECRET_ACCESS_KEY", secret),
@@ -205,8 +208,8 @@ impl Moto {
             ("AWS_DEFAULT_REGION", REGION), // boto3 reads this one, not AWS_REGION
             ("AWS_ENDPOINT_URL", endpoint),
             ("AWS_EC2_METADATA_DISABLED", "true"),
-            ("AWS_CONFIG_FILE", &missing),
-            ("AWS_SHARED_CREDENTIALS_FILE", &missing),
+            ("AWS_CONFIG_FILE", &empty),
+            ("AWS_SHARED_CREDENTIALS_FILE", &empty),
         ]
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -292,7 +295,7 @@ impl Moto {
         stdin: &str,
     ) -> serde_json::Value {
         let (key, secret) = self.creds.lock().expect("creds lock").clone();
-        let mut cmd = Command::new("python3");
+        let mut cmd = super::command("python3");
         cmd.arg(helper("awsctl.py"))
             .arg(command)
             .arg(args.to_string())
@@ -548,7 +551,7 @@ pub struct FaultProxy {
 impl FaultProxy {
     /// Starts the proxy on a free 127.0.0.1 port, forwarding to `upstream_endpoint`.
     pub fn start(upstream_endpoint: &str) -> FaultProxy {
-        let mut child = Command::new("python3")
+        let mut child = super::command("python3")
             .arg(helper("fault_proxy.py"))
             .arg(upstream_endpoint)
             .stdin(Stdio::null())
@@ -679,7 +682,7 @@ impl CloudInit {
 
     fn start(moto: &Moto, tag_key: Option<&str>, target: Target) -> CloudInit {
         let (key, secret) = moto.creds.lock().expect("creds lock").clone();
-        let mut cmd = Command::new("python3");
+        let mut cmd = super::command("python3");
         cmd.arg(helper("awsctl.py"))
             .arg("watch")
             .arg(
@@ -849,7 +852,7 @@ fn serve_instance(
         "systemctl reload ssh 2>/dev/null || systemctl reload sshd 2>/dev/null || pkill -HUP -x sshd\n\
          cat /etc/ssh/ssh_host_ed25519_key.pub\n",
     );
-    let out = Command::new(super::instance::script())
+    let out = super::command(super::instance::script())
         .args(["exec", name, "--", "sh", "-c", &script])
         .stdin(Stdio::null())
         .output()
