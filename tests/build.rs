@@ -26,7 +26,7 @@ const REGION: &str = "us-east-1";
 pub(crate) const BASE_PARAM: &str =
     "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64";
 
-fn recipe(dir: &Path, user: &str, steps: &str) -> PathBuf {
+pub(crate) fn recipe(dir: &Path, user: &str, steps: &str) -> PathBuf {
     write(
         dir,
         "recipe.yaml",
@@ -39,7 +39,7 @@ fn recipe(dir: &Path, user: &str, steps: &str) -> PathBuf {
 }
 
 /// `jbake build RECIPE` against `endpoint`, SSH to `host:port`, JSON events.
-fn build_cmd(
+pub(crate) fn build_cmd(
     moto: &Moto,
     endpoint: &str,
     recipe: &Path,
@@ -65,7 +65,7 @@ fn build_cmd(
 pub(crate) const BOOTING: &str =
     r#"[{"action": "DescribeInstances", "delay_ms": 4000, "times": 1}]"#;
 
-fn run(mut c: Command, extra: &[&str]) -> Run {
+pub(crate) fn run(mut c: Command, extra: &[&str]) -> Run {
     Run::from_output(c.args(extra).output().expect("run jbake"))
 }
 
@@ -743,7 +743,7 @@ fn bad_input_is_refused_before_any_aws_call() {
 // ---------------------------------------------------------------------------------------------
 // Driving a running build.
 
-fn spawn(mut c: Command) -> Child {
+pub(crate) fn spawn(mut c: Command) -> Child {
     c.stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -752,7 +752,7 @@ fn spawn(mut c: Command) -> Child {
 
 /// Streams the child's stdout lines into a channel; returns it and the build id (the first
 /// event).
-fn follow(child: &mut Child) -> (mpsc::Receiver<String>, String) {
+pub(crate) fn follow(child: &mut Child) -> (mpsc::Receiver<String>, String) {
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -774,7 +774,7 @@ fn follow(child: &mut Child) -> (mpsc::Receiver<String>, String) {
     (rx, id)
 }
 
-fn wait_for_line(lines: &mpsc::Receiver<String>, needle: &str) {
+pub(crate) fn wait_for_line(lines: &mpsc::Receiver<String>, needle: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while std::time::Instant::now() < deadline {
         match lines.recv_timeout(Duration::from_secs(1)) {
@@ -786,7 +786,7 @@ fn wait_for_line(lines: &mpsc::Receiver<String>, needle: &str) {
     panic!("the build never printed {needle:?}");
 }
 
-fn finish(child: Child, lines: mpsc::Receiver<String>) -> Run {
+pub(crate) fn finish(child: Child, lines: mpsc::Receiver<String>) -> Run {
     let out = child.wait_with_output().expect("wait for jbake");
     // The reader ends at EOF, shortly after the process.
     let mut stdout = Vec::new();

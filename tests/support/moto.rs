@@ -216,6 +216,13 @@ impl Moto {
         .collect()
     }
 
+    /// The environment of the harness's own calls: [`env`](Self::env), or with the admin
+    /// user's credentials while IAM authorization is on (for helper scripts of the tests).
+    pub fn harness_env(&self) -> Vec<(String, String)> {
+        let (key, secret) = self.creds.lock().expect("creds lock").clone();
+        self.env_with(&self.endpoint(), &key, &secret)
+    }
+
     /// Sets [`env`](Self::env) on a command and removes the other `AWS_*` variables
     /// (profile, session token, ...) it would inherit.
     pub fn apply_env(&self, cmd: &mut Command) {
