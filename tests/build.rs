@@ -24,7 +24,7 @@ use crate::support::sshd::{self, Sshd};
 
 const REGION: &str = "us-east-1";
 
-fn recipe(dir: &Path, user: &str, steps: &str) -> PathBuf {
+pub(crate) fn recipe(dir: &Path, user: &str, steps: &str) -> PathBuf {
     write(
         dir,
         "recipe.yaml",
@@ -37,7 +37,7 @@ fn recipe(dir: &Path, user: &str, steps: &str) -> PathBuf {
 }
 
 /// `jbake build RECIPE` against `endpoint`, SSH to `host:port`, JSON events.
-fn build_cmd(
+pub(crate) fn build_cmd(
     moto: &Moto,
     endpoint: &str,
     recipe: &Path,
@@ -56,7 +56,7 @@ fn build_cmd(
     c
 }
 
-fn run(mut c: Command, extra: &[&str]) -> Run {
+pub(crate) fn run(mut c: Command, extra: &[&str]) -> Run {
     Run::from_output(c.args(extra).output().expect("run jbake"))
 }
 
@@ -795,7 +795,7 @@ fn bad_input_is_refused_before_any_aws_call() {
 // ---------------------------------------------------------------------------------------------
 // Driving a running build.
 
-fn spawn(mut c: Command) -> Child {
+pub(crate) fn spawn(mut c: Command) -> Child {
     c.stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -804,7 +804,7 @@ fn spawn(mut c: Command) -> Child {
 
 /// Streams the child's stdout lines into a channel; returns it and the build id (the first
 /// event).
-fn follow(child: &mut Child) -> (mpsc::Receiver<String>, String) {
+pub(crate) fn follow(child: &mut Child) -> (mpsc::Receiver<String>, String) {
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -826,7 +826,7 @@ fn follow(child: &mut Child) -> (mpsc::Receiver<String>, String) {
     (rx, id)
 }
 
-fn wait_for_line(lines: &mpsc::Receiver<String>, needle: &str) {
+pub(crate) fn wait_for_line(lines: &mpsc::Receiver<String>, needle: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while std::time::Instant::now() < deadline {
         match lines.recv_timeout(Duration::from_secs(1)) {
@@ -838,7 +838,7 @@ fn wait_for_line(lines: &mpsc::Receiver<String>, needle: &str) {
     panic!("the build never printed {needle:?}");
 }
 
-fn finish(child: Child, lines: mpsc::Receiver<String>) -> Run {
+pub(crate) fn finish(child: Child, lines: mpsc::Receiver<String>) -> Run {
     let out = child.wait_with_output().expect("wait for jbake");
     // The reader ends at EOF, shortly after the process.
     let mut stdout = Vec::new();

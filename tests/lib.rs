@@ -8,6 +8,7 @@ mod apply_instance;
 mod build;
 mod harness;
 mod harness_aws;
+mod iam;
 mod images;
 mod roll;
 mod validate;

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use crate::support::cli::{self, Run};
 use crate::support::moto::{Moto, REGION};
 
-const GROUP: &str = "jenkins";
+pub(crate) const GROUP: &str = "jenkins";
 const CREDS_PARAM: &str = "/jenkins/api-credentials";
 const TOKEN: &str = "11d0c0ffee5ecret7oken";
 
@@ -44,7 +44,7 @@ fn fixture_py(env: &[(String, String)], command: &str, args: Value) -> Value {
 
 /// The binary under test: `JBAKE_TEST_BIN` if set (a copy of this checkout's build, when
 /// several checkouts share one CARGO_TARGET_DIR and so one debug/jbake), else cargo's.
-fn jbake() -> Command {
+pub(crate) fn jbake() -> Command {
     let mut c = cli::jbake();
     if let Some(bin) = std::env::var_os("JBAKE_TEST_BIN") {
         let mut own = Command::new(bin);
@@ -90,7 +90,7 @@ type Hook = Box<dyn FnMut(&str, &mut JState) + Send>;
 
 /// A Jenkins stand-in on 127.0.0.1: the crumb issuer, quiet-down and its cancel, the
 /// executors' state, /login with X-Jenkins. One request per connection, served in order.
-struct StandIn {
+pub(crate) struct StandIn {
     port: u16,
     state: Arc<Mutex<JState>>,
     hook: Arc<Mutex<Option<Hook>>>,
@@ -119,7 +119,7 @@ impl StandIn {
         StandIn { port, state, hook }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
@@ -127,7 +127,7 @@ impl StandIn {
         *self.hook.lock().expect("hook lock") = Some(Box::new(hook));
     }
 
-    fn calls(&self) -> Vec<String> {
+    pub(crate) fn calls(&self) -> Vec<String> {
         self.state.lock().expect("state lock").calls.clone()
     }
 
@@ -228,14 +228,15 @@ fn serve(mut conn: TcpStream, state: &Mutex<JState>, hook: &Mutex<Option<Hook>>)
 
 // ------------------------------------------------------------------ moto fixture
 
-struct Fixture {
-    moto: Moto,
-    env: Vec<(String, String)>,
+pub(crate) struct Fixture {
+    pub(crate) moto: Moto,
+    /// The environment of the fixture's own calls (roll_fixture.py).
+    pub(crate) env: Vec<(String, String)>,
     old_ami: String,
-    new_ami: String,
+    pub(crate) new_ami: String,
     agent_ami: String,
-    instance: String,
-    jenkins: StandIn,
+    pub(crate) instance: String,
+    pub(crate) jenkins: StandIn,
 }
 
 fn controller_tags<'a>(version: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
@@ -249,7 +250,7 @@ fn controller_tags<'a>(version: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&
 }
 
 /// moto with the controller's infrastructure; the group runs the older controller image.
-fn fixture(group_version: &str) -> Fixture {
+pub(crate) fn fixture(group_version: &str) -> Fixture {
     // A shared CARGO_TARGET_DIR holds one debug/jbake: say so when it is another checkout's.
     let help = Run::from_output(
         jbake()
@@ -301,7 +302,7 @@ fn fixture(group_version: &str) -> Fixture {
 }
 
 impl Fixture {
-    fn state(&self) -> Value {
+    pub(crate) fn state(&self) -> Value {
         fixture_py(&self.env, "state", json!({"group": GROUP}))
     }
 
@@ -332,7 +333,7 @@ impl Fixture {
     }
 
     /// The group's running instances as EC2 sees them: `(id, image)`.
-    fn running(&self) -> Vec<(String, String)> {
+    pub(crate) fn running(&self) -> Vec<(String, String)> {
         self.state()["instances"]
             .as_array()
             .expect("instances")
@@ -451,8 +452,8 @@ fn roll_happy_path_drains_replaces_and_verifies() {
     let run = f.roll(&["--yes", "--jenkins-credentials", CREDS_PARAM]);
     f.moto.stop_recording();
     run.assert_code(0);
-    // Every call it made is allowed by iam/jbake-roll-policy.json. (moto's IAM enforcement
-    // cannot check this: it rejects the Rust SDK's CreateLaunchTemplateVersion signature.)
+    // Every call it made is allowed by iam/jbake-roll-policy.json (enforced by moto in
+    // tests/iam.rs).
     let policy: Value = serde_json::from_str(
         &std::fs::read_to_string(cli::root().join("iam/jbake-roll-policy.json"))
             .expect("read iam/jbake-roll-policy.json"),
@@ -959,7 +960,7 @@ fn roll_talks_to_jenkins_over_https_and_refuses_an_unknown_certificate() {
 }
 
 /// Checks that the group, the template and the instance are as the fixture made them.
-fn assert_untouched(f: &Fixture, group_version: &str) {
+pub(crate) fn assert_untouched(f: &Fixture, group_version: &str) {
     let st = f.state();
     assert_eq!(st["group_version"], group_version, "{st}");
     assert_eq!(version_data(&st, 1)["default"], true, "{st}");
@@ -1116,7 +1117,7 @@ fn roll_health_failure_rolls_back() {
 }
 
 /// The IAM action for an API action jbake was recorded making.
-fn iam_action(action: &str) -> String {
+pub(crate) fn iam_action(action: &str) -> String {
     let service = match action {
         "DescribeAutoScalingGroups"
         | "UpdateAutoScalingGroup"

@@ -113,7 +113,7 @@ impl Asg {
     where
         E: std::error::Error + aws_smithy_types::error::metadata::ProvideErrorMetadata + 'static,
     {
-        Error::new(what, &self.region, e)
+        Error::new(what, &self.region, e).service("autoscaling")
     }
 
     /// The group named `name`, or None.

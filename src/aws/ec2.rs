@@ -124,7 +124,7 @@ impl Ec2 {
     where
         E: std::error::Error + aws_smithy_types::error::metadata::ProvideErrorMetadata + 'static,
     {
-        Error::new(what, &self.region, e)
+        Error::new(what, &self.region, e).service("ec2")
     }
 
     pub async fn image(&self, id: &str) -> Result<Option<ImageInfo>, Error> {

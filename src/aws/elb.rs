@@ -64,7 +64,7 @@ impl Elb {
     where
         E: std::error::Error + aws_smithy_types::error::metadata::ProvideErrorMetadata + 'static,
     {
-        Error::new(what, &self.region, e)
+        Error::new(what, &self.region, e).service("elasticloadbalancing")
     }
 
     pub async fn target_groups(&self, arns: &[String]) -> Result<Vec<TargetGroupInfo>, Error> {

@@ -42,6 +42,7 @@ impl Instances {
                     &self.region,
                     e.into_service_error(),
                 )
+                .service("ec2")
             })?;
         Ok(out
             .reservations()

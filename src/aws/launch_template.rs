@@ -72,7 +72,7 @@ impl LaunchTemplates {
     where
         E: std::error::Error + aws_smithy_types::error::metadata::ProvideErrorMetadata + 'static,
     {
-        Error::new(what, &self.region, e)
+        Error::new(what, &self.region, e).service("ec2")
     }
 
     /// One version: a number, `$Latest` or `$Default`.

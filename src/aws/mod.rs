@@ -75,15 +75,109 @@ impl Aws {
 }
 
 /// An AWS call that failed, with what was being done and the SDK's full error context.
-#[derive(Debug, thiserror::Error)]
-#[error("{what} in {region} failed: {detail}")]
+#[derive(Debug)]
 pub struct Error {
     pub what: String,
     pub region: String,
+    /// The service's answer (`code: message`), or the SDK's error context.
     pub detail: String,
     /// The service's error code (`InvalidAMIID.NotFound`, `UnauthorizedOperation`, …) if any.
     pub code: Option<String>,
+    /// The IAM action of the call (`ec2:RunInstances`), when known.
+    pub action: Option<String>,
 }
+
+/// The policies jbake ships, by file name: an authorization failure says which of them allow
+/// the refused action.
+const POLICIES: [(&str, &str); 2] = [
+    (
+        "iam/jbake-build-policy.json",
+        include_str!("../../iam/jbake-build-policy.json"),
+    ),
+    (
+        "iam/jbake-roll-policy.json",
+        include_str!("../../iam/jbake-roll-policy.json"),
+    ),
+];
+
+/// The shipped policies whose statements list `action`.
+fn policies_allowing(action: &str) -> Vec<&'static str> {
+    POLICIES
+        .iter()
+        .filter(|(_, text)| {
+            let doc: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
+            doc["Statement"].as_array().into_iter().flatten().any(|st| {
+                st["Effect"] == "Allow"
+                    && match &st["Action"] {
+                        serde_json::Value::String(a) => a == action,
+                        serde_json::Value::Array(a) => a.iter().any(|a| a == action),
+                        _ => false,
+                    }
+            })
+        })
+        .map(|(name, _)| *name)
+        .collect()
+}
+
+fn is_access_denied(code: Option<&str>) -> bool {
+    matches!(
+        code,
+        Some("UnauthorizedOperation" | "AccessDenied" | "AccessDeniedException")
+    )
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} in {} failed: ", self.what, self.region)?;
+        if !is_access_denied(self.code.as_deref()) {
+            write!(f, "{}", self.detail)?;
+            if matches!(
+                self.code.as_deref(),
+                Some("AuthFailure" | "InvalidClientTokenId" | "UnrecognizedClientException")
+            ) {
+                write!(
+                    f,
+                    " (check the AWS credentials: AWS_PROFILE, --profile, or the environment)"
+                )?;
+            }
+            return Ok(());
+        }
+        // Say what is missing and where jbake's policies are, then what AWS said.
+        match &self.action {
+            Some(action) => {
+                write!(
+                    f,
+                    "not authorized to perform {action}: check the IAM policy of these credentials"
+                )?;
+                match policies_allowing(action).as_slice() {
+                    [] => write!(f, " (jbake's policies in iam/ do not list it)")?,
+                    [one] => write!(f, " ({one} allows it)")?,
+                    found => write!(f, " ({} allow it)", found.join(" and "))?,
+                }
+            }
+            None => write!(
+                f,
+                "not authorized: check the IAM policy of these credentials \
+                 (iam/jbake-build-policy.json for build and gc, iam/jbake-roll-policy.json for \
+                 roll and status)"
+            )?,
+        }
+        write!(f, "; AWS said: {}", self.detail)?;
+        if self
+            .detail
+            .contains("Encoded authorization failure message")
+        {
+            write!(
+                f,
+                " (`aws sts decode-authorization-message --encoded-message …` shows which \
+                 resource or condition refused it)"
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Error {}
 
 impl Error {
     pub fn new<E>(what: impl Into<String>, region: &str, err: E) -> Error
@@ -96,20 +190,12 @@ impl Error {
             (Some(c), None) => c.to_string(),
             _ => DisplayErrorContext(&err).to_string(),
         };
-        let hint = match code.as_deref() {
-            Some("UnauthorizedOperation" | "AccessDenied" | "AccessDeniedException") => {
-                " (the credentials lack this permission: see iam/jbake-build-policy.json and iam/jbake-roll-policy.json)"
-            }
-            Some("AuthFailure" | "InvalidClientTokenId" | "UnrecognizedClientException") => {
-                " (check the AWS credentials: AWS_PROFILE, --profile, or the environment)"
-            }
-            _ => "",
-        };
         Error {
             what: what.into(),
             region: region.to_string(),
-            detail: format!("{detail}{hint}"),
+            detail,
             code,
+            action: None,
         }
     }
 
@@ -120,10 +206,120 @@ impl Error {
             region: region.to_string(),
             detail: detail.into(),
             code: None,
+            action: None,
+        }
+    }
+
+    /// The IAM action of the call, e.g. `ssm:GetParameter`.
+    pub fn action(mut self, action: impl Into<String>) -> Error {
+        self.action = Some(action.into());
+        self
+    }
+
+    /// The IAM action `service:Operation`, the operation being the first word of `what`
+    /// (`RunInstances from ami-…`); nothing when `what` does not start with one.
+    pub fn service(self, service: &str) -> Error {
+        let op = self.what.split_whitespace().next().unwrap_or_default();
+        let is_operation = op.starts_with(|c: char| c.is_ascii_uppercase())
+            && op.chars().all(|c| c.is_ascii_alphanumeric());
+        if is_operation {
+            let action = format!("{service}:{op}");
+            self.action(action)
+        } else {
+            self
         }
     }
 
     pub fn is_code(&self, code: &str) -> bool {
         self.code.as_deref() == Some(code)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn denied(what: &str, service: &str, detail: &str) -> Error {
+        Error {
+            what: what.to_string(),
+            region: "us-east-1".to_string(),
+            detail: detail.to_string(),
+            code: Some("UnauthorizedOperation".to_string()),
+            action: None,
+        }
+        .service(service)
+    }
+
+    #[test]
+    fn an_authorization_failure_names_the_action_and_the_policy() {
+        let e = denied(
+            "RunInstances from ami-1",
+            "ec2",
+            "UnauthorizedOperation: You are not authorized to perform this operation.",
+        );
+        assert_eq!(e.action.as_deref(), Some("ec2:RunInstances"));
+        assert_eq!(
+            e.to_string(),
+            "RunInstances from ami-1 in us-east-1 failed: not authorized to perform \
+             ec2:RunInstances: check the IAM policy of these credentials \
+             (iam/jbake-build-policy.json and iam/jbake-roll-policy.json allow it); AWS said: \
+             UnauthorizedOperation: You are not authorized to perform this operation."
+        );
+        let e = denied("ImportKeyPair jbake-1", "ec2", "x");
+        assert!(
+            e.to_string()
+                .contains("ec2:ImportKeyPair: check the IAM policy of these credentials (iam/jbake-build-policy.json allows it)"),
+            "{e}"
+        );
+        let e = denied("UpdateAutoScalingGroup jenkins", "autoscaling", "x");
+        assert!(
+            e.to_string()
+                .contains("(iam/jbake-roll-policy.json allows it)"),
+            "{e}"
+        );
+        let e = denied("DeleteVolume vol-1", "ec2", "x");
+        assert!(
+            e.to_string()
+                .contains("jbake's policies in iam/ do not list it"),
+            "{e}"
+        );
+        // No operation name: the policies are still named.
+        let e = denied("finding the default VPC", "ec2", "x");
+        assert_eq!(e.action, None);
+        assert!(
+            e.to_string()
+                .contains("iam/jbake-build-policy.json for build"),
+            "{e}"
+        );
+        let e = denied("reading SSM parameter /p", "ssm", "x").action("ssm:GetParameter");
+        assert!(e.to_string().contains("perform ssm:GetParameter"), "{e}");
+        // AWS's encoded message can be decoded.
+        let e = denied("RunInstances", "ec2", "UnauthorizedOperation: You are not authorized to perform this operation. Encoded authorization failure message: AbC");
+        assert!(
+            e.to_string()
+                .contains("aws sts decode-authorization-message"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn other_errors_are_unchanged() {
+        let mut e = denied(
+            "DescribeImages ami-1",
+            "ec2",
+            "AuthFailure: AWS was not able to validate the provided access credentials",
+        );
+        e.code = Some("AuthFailure".to_string());
+        assert_eq!(
+            e.to_string(),
+            "DescribeImages ami-1 in us-east-1 failed: AuthFailure: AWS was not able to validate \
+             the provided access credentials (check the AWS credentials: AWS_PROFILE, --profile, \
+             or the environment)"
+        );
+        let e = Error::other("CreateImage", "eu-west-1", "no image id in the answer");
+        assert_eq!(
+            e.to_string(),
+            "CreateImage in eu-west-1 failed: no image id in the answer"
+        );
     }
 }

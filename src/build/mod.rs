@@ -615,6 +615,7 @@ pub async fn resolve_base(aws: &Aws, spec: &BaseImage) -> Result<ec2::ImageInfo,
                     &aws.region,
                     e.into_service_error(),
                 )
+                .action("ssm:GetParameter")
             })?;
             out.parameter()
                 .and_then(|p| p.value())

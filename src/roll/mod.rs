@@ -152,6 +152,7 @@ async fn credentials(aws: &Aws, param: &str) -> Result<String, Error> {
                 &aws.region,
                 e.into_service_error(),
             )
+            .action("ssm:GetParameter")
         })?;
     let value = out
         .parameter()

@@ -1,5 +1,6 @@
-//! AWS stand-in: a moto server per test (`python3 -m moto.server`), a fault-injecting
-//! proxy in front of it, and a stand-in for cloud-init on the instances jbake launches.
+//! AWS stand-in: a moto server per test (`moto_server.py`: `python3 -m moto.server` with its
+//! SigV4 check fixed for form-encoded bodies), a fault-injecting proxy in front of it, and a
+//! stand-in for cloud-init on the instances jbake launches.
 //!
 //! ```ignore
 //! let moto = Moto::start();
@@ -131,8 +132,10 @@ impl Moto {
 
     fn spawn(&mut self, port: u16) -> bool {
         let log = fs::File::create(self.log_path()).expect("create the moto log");
+        // moto.server, with its SigV4 check fixed for form-encoded bodies (see the file).
         let mut child = super::command("python3")
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p"])
+            .arg(helper("moto_server.py"))
+            .args(["-H", "127.0.0.1", "-p"])
             .arg(port.to_string())
             .current_dir(self.dir.path())
             .env("MOTO_ENABLE_AMI_VALIDATION", "true")
@@ -144,7 +147,7 @@ impl Moto {
             .stdout(log.try_clone().expect("clone the log file"))
             .stderr(log)
             .spawn()
-            .expect("spawn python3 -m moto.server");
+            .expect("spawn python3 tests/support/moto_server.py");
         let start = Instant::now();
         while start.elapsed() < START_TIMEOUT {
             if let Ok(Some(_)) = child.try_wait() {
@@ -214,6 +217,13 @@ impl Moto {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
+    }
+
+    /// The environment of the harness's own calls: [`env`](Self::env), or with the admin
+    /// user's credentials while IAM authorization is on (for helper scripts of the tests).
+    pub fn harness_env(&self) -> Vec<(String, String)> {
+        let (key, secret) = self.creds.lock().expect("creds lock").clone();
+        self.env_with(&self.endpoint(), &key, &secret)
     }
 
     /// Sets [`env`](Self::env) on a command and removes the other `AWS_*` variables

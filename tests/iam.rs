@@ -1,0 +1,532 @@
+//! The IAM policies jbake ships, enforced: `jbake build`, `gc`, `roll` and `status` against moto
+//! with IAM authorization on (`POST /moto-api/reset-auth 0`), signed with the access key of an
+//! IAM user whose only policy is exactly `iam/jbake-build-policy.json` or
+//! `iam/jbake-roll-policy.json`. moto then checks each request's SigV4 signature and whether the
+//! user's policy allows the request's action.
+//!
+//! What moto cannot check: it authorizes every non-S3 request against the resource `*`, so a
+//! statement scoped to resource ARNs never matches there (the roll policy's `ssm:GetParameter`
+//! on `parameter/jenkins/*`: the roll below runs without `--jenkins-credentials`), and it ignores
+//! conditions on keys it does not supply (`autoscaling:ResourceTag/jbake:role`). It checks only
+//! the action of the API called, not what AWS additionally requires (on AWS, creating a resource
+//! with tags also needs `ec2:CreateTags`; pointing a group at a launch template also needs
+//! `ec2:RunInstances`). The README's IAM sections say which statement is scoped how.
+//!
+//! Also proven here: the policies are least privilege at the level of actions. Each action a
+//! policy lists was used by the commands it is for (the build policy: a build, a failed build,
+//! gc; the roll policy: a roll and status; minus the three above that moto cannot show).
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::Instant;
+
+use serde_json::Value;
+
+use crate::build::{
+    assert_nothing_left, build_cmd, build_id_of, finish, finished, follow, recipe, run, spawn,
+    wait_for_line,
+};
+use crate::roll::{self, iam_action, GROUP};
+use crate::support::bake::BOOTING;
+use crate::support::cli::{self, Run};
+use crate::support::instance::Instance;
+use crate::support::moto::{CloudInit, FaultProxy, Moto, REGION};
+use crate::support::prereq;
+use crate::support::sshd::{self, Sshd};
+
+const BUILD_POLICY: &str = "iam/jbake-build-policy.json";
+const ROLL_POLICY: &str = "iam/jbake-roll-policy.json";
+
+fn policy_text(file: &str) -> String {
+    std::fs::read_to_string(cli::root().join(file)).unwrap_or_else(|e| panic!("read {file}: {e}"))
+}
+
+/// Every action the policy's Allow statements list.
+fn policy_actions(text: &str) -> BTreeSet<String> {
+    let doc: Value = serde_json::from_str(text).expect("the policy is JSON");
+    doc["Statement"]
+        .as_array()
+        .expect("statements")
+        .iter()
+        .filter(|s| s["Effect"] == "Allow")
+        .flat_map(|s| match &s["Action"] {
+            Value::String(a) => vec![a.clone()],
+            Value::Array(a) => a
+                .iter()
+                .map(|a| a.as_str().expect("action").to_string())
+                .collect(),
+            other => panic!("Action {other}"),
+        })
+        .collect()
+}
+
+/// The policy with `action` taken out of its statement.
+fn policy_without(text: &str, action: &str) -> String {
+    let mut doc: Value = serde_json::from_str(text).expect("the policy is JSON");
+    let mut removed = false;
+    for s in doc["Statement"].as_array_mut().expect("statements") {
+        if let Some(list) = s["Action"].as_array_mut() {
+            let before = list.len();
+            list.retain(|a| a != action);
+            removed |= list.len() != before;
+        }
+    }
+    assert!(removed, "{action} is not in the policy");
+    doc.to_string()
+}
+
+/// The IAM actions (`ec2:RunInstances`) of API actions jbake was seen making.
+fn iam_actions<'a>(actions: impl IntoIterator<Item = &'a String>) -> BTreeSet<String> {
+    actions
+        .into_iter()
+        .filter(|a| !a.is_empty())
+        .map(|a| iam_action(a))
+        .collect()
+}
+
+/// A default subnet of the region (through the harness's own credentials).
+fn a_subnet(moto: &Moto) -> String {
+    let mut c = Command::new("python3");
+    c.args([
+        "-c",
+        "import boto3; print(boto3.client('ec2').describe_subnets(Filters=[{'Name': \
+         'default-for-az', 'Values': ['true']}])['Subnets'][0]['SubnetId'])",
+    ]);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("AWS_") {
+            c.env_remove(key);
+        }
+    }
+    let out = c
+        .envs(moto.harness_env())
+        .output()
+        .expect("run python3 boto3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// What a denied call must say: the action, the policy that has it, what AWS answered.
+#[track_caller]
+fn assert_denied(out: &Run, action: &str, policy: &str) {
+    out.assert_code(1);
+    assert!(
+        out.stderr.contains(&format!(
+            "not authorized to perform {action}: check the IAM policy"
+        )),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains(policy), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("AccessDenied") || out.stderr.contains("UnauthorizedOperation"),
+        "{}",
+        out.stderr
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// jbake build (instance tier: a successful build runs the image hygiene).
+
+#[test]
+fn iam_build_policy_bakes_an_image_and_a_missing_action_fails_cleanly() {
+    if !prereq::instance_tier() || !prereq::moto() {
+        return;
+    }
+    let t0 = Instant::now();
+    let moto = Moto::start();
+    let policy = policy_text(BUILD_POLICY);
+    let (key, secret) = moto.iam_user(&policy);
+    // On AWS tagging at creation needs ec2:CreateTags too, and a build without it would fail at
+    // its first ImportKeyPair; moto only checks CreateTags itself, which a build calls once the
+    // image exists: the latest failure, with the most to clean up (image and snapshots too).
+    let (no_tags_key, no_tags_secret) = moto.iam_user(&policy_without(&policy, "ec2:CreateTags"));
+    moto.enable_iam_auth();
+    let subnet = a_subnet(&moto);
+    let vm = Instance::builder("iam-build").up();
+    // Created after enable_iam_auth: its watcher calls moto as the harness's admin user.
+    let cloud = CloudInit::for_instance(&moto, &vm);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifest = dir.path().join("manifest.json");
+    let r = recipe(
+        dir.path(),
+        &vm.user,
+        "steps:\n  - name: Mark the image\n    file: { path: /etc/jbake-built, content: \"{{ version }}\\n\" }\n\
+         validate:\n  - name: marked\n    run: test -s /etc/jbake-built\n",
+    );
+    // jbake's requests, and only those, go through the proxy: its log is what jbake called.
+    let boot = FaultProxy::start(&moto.endpoint());
+    let build = |key: &str, secret: &str| {
+        boot.set(BOOTING);
+        let mut c = build_cmd(&moto, &boot.endpoint(), &r, &vm.host, vm.port, &manifest);
+        c.envs(moto.env_with(&boot.endpoint(), key, secret));
+        c
+    };
+    eprintln!("set up in {:?}", t0.elapsed());
+
+    // The whole build, as the user holding exactly the build policy.
+    let t = Instant::now();
+    let out = run(build(&key, &secret), &[]);
+    eprintln!("build under the build policy: {:?}", t.elapsed());
+    out.assert_code(0);
+    let id = build_id_of(&out);
+    let result = finished(&out);
+    let ami = result["ami_id"].as_str().expect("ami_id").to_string();
+    let res = moto.resources(REGION);
+    let image = res
+        .images
+        .iter()
+        .find(|i| i.id == ami)
+        .unwrap_or_else(|| panic!("{ami} not in {:?}", res.images));
+    assert_eq!(image.state.as_deref(), Some("available"));
+    for (k, v) in [
+        ("jbake:build-id", id.as_str()),
+        ("jbake:recipe", "jbake-test"),
+        ("jbake:complete", "true"),
+        (
+            "jbake:version",
+            result["version"].as_str().expect("version"),
+        ),
+    ] {
+        assert_eq!(
+            image.tags.get(k).map(String::as_str),
+            Some(v),
+            "{k}: {image:?}"
+        );
+    }
+    for snap in &image.snapshot_ids {
+        let s = res
+            .snapshots
+            .iter()
+            .find(|s| &s.id == snap)
+            .expect("listed");
+        assert_eq!(s.tags.get("jbake:build-id"), Some(&id), "{s:?}");
+    }
+    assert_nothing_left(&moto, &id);
+    assert_eq!(
+        vm.exec_ok("cat /etc/jbake-built"),
+        result["version"].as_str().expect("version")
+    );
+    assert_eq!(cloud.served().len(), 1, "{:?}", cloud.errors());
+
+    // One action less (and --subnet-id, so the build also looks the subnet up): the build
+    // fails at that call, says what is missing, and removes what it made, image included.
+    let images_before: BTreeSet<String> = res
+        .images
+        .iter()
+        .filter(|i| i.state.as_deref() != Some("deregistered"))
+        .map(|i| i.id.clone())
+        .collect();
+    let snapshots_before: BTreeSet<String> = res.snapshots.iter().map(|s| s.id.clone()).collect();
+    let t = Instant::now();
+    let denied = run(
+        build(&no_tags_key, &no_tags_secret),
+        &["--force", "--subnet-id", &subnet],
+    );
+    eprintln!("build without ec2:CreateTags: {:?}", t.elapsed());
+    eprintln!("{}", denied.stderr.trim_end());
+    assert_denied(&denied, "ec2:CreateTags", BUILD_POLICY);
+    let denied_id = build_id_of(&denied);
+    assert!(
+        denied
+            .stderr
+            .contains(&format!("build {denied_id} failed: CreateTags")),
+        "{}",
+        denied.stderr
+    );
+    assert!(
+        denied.stdout.contains("removing image ami-"),
+        "the half-made image is removed: {}",
+        denied.stdout
+    );
+    assert_nothing_left(&moto, &denied_id);
+    let res = moto.resources(REGION);
+    assert!(
+        res.tagged_with_build(&denied_id).is_empty(),
+        "{:?}",
+        res.tagged_with_build(&denied_id)
+    );
+    let images_after: BTreeSet<String> = res
+        .images
+        .iter()
+        .filter(|i| i.state.as_deref() != Some("deregistered"))
+        .map(|i| i.id.clone())
+        .collect();
+    let snapshots_after: BTreeSet<String> = res.snapshots.iter().map(|s| s.id.clone()).collect();
+    assert_eq!(images_after, images_before, "the new image is deregistered");
+    assert_eq!(
+        snapshots_after, snapshots_before,
+        "its snapshots are deleted"
+    );
+
+    // gc (nothing left to find) also lives with the build policy.
+    let t = Instant::now();
+    let gc = gc_run(
+        &moto,
+        &boot.endpoint(),
+        &key,
+        &secret,
+        &["--older-than", "0s"],
+    );
+    eprintln!("gc: {:?}", t.elapsed());
+    gc.assert_code(0);
+    assert!(
+        gc.stderr.contains("nothing to remove") || gc.stdout.contains("nothing to remove"),
+        "{}",
+        gc.stderr
+    );
+
+    // Least privilege: every action the policy lists was needed by these runs.
+    let used = iam_actions(boot.log().iter().map(|e| &e.action));
+    assert_eq!(
+        used,
+        policy_actions(&policy),
+        "the build policy and what build and gc called differ"
+    );
+    eprintln!("total {:?}", t0.elapsed());
+}
+
+fn gc_run(moto: &Moto, endpoint: &str, key: &str, secret: &str, extra: &[&str]) -> Run {
+    let mut c = cli::jbake();
+    moto.apply_env(&mut c);
+    c.envs(moto.env_with(endpoint, key, secret));
+    c.args(["gc", "--region", REGION, "--endpoint-url", endpoint]);
+    run(c, extra)
+}
+
+// ---------------------------------------------------------------------------------------------
+// jbake gc (quick tier: builds that stop before the image hygiene).
+
+#[test]
+fn iam_gc_under_the_build_policy_removes_what_killed_and_aborted_builds_left() {
+    if !prereq::quick_tier() || !prereq::moto() {
+        return;
+    }
+    let t0 = Instant::now();
+    let moto = Moto::start();
+    let (key, secret) = moto.iam_user(&policy_text(BUILD_POLICY));
+    moto.enable_iam_auth();
+    let mut sshd = Sshd::start();
+    let _cloud = CloudInit::for_sshd(&moto, &mut sshd);
+    let boot = FaultProxy::start(&moto.endpoint());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let build = |steps: &str| {
+        boot.set(BOOTING);
+        let r = recipe(dir.path(), sshd.user(), steps);
+        let manifest = dir.path().join("manifest.json");
+        let mut c = build_cmd(
+            &moto,
+            &boot.endpoint(),
+            &r,
+            sshd.host(),
+            sshd.port(),
+            &manifest,
+        );
+        c.envs(moto.env_with(&boot.endpoint(), &key, &secret));
+        c
+    };
+
+    // A build killed with SIGKILL mid-step: nothing of it is removed.
+    let mut child = spawn(build(
+        "steps:\n  - name: long\n    run: echo started; sleep 60\n",
+    ));
+    let (lines, killed) = follow(&mut child);
+    wait_for_line(&lines, "started");
+    sshd::kill(&[child.id()], "KILL");
+    let _ = finish(child, lines);
+    // A build whose step fails, with --on-error abort: its resources are left on purpose.
+    let aborted = run(
+        build("steps:\n  - name: fails\n    run: exit 3\n"),
+        &["--on-error", "abort"],
+    );
+    aborted.assert_code(1);
+    let aborted_id = build_id_of(&aborted);
+    let gc_command = format!("jbake gc --region {REGION} --build-id {aborted_id}");
+    assert!(
+        aborted.events().iter().any(|e| e["event"] == "warning"
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(&gc_command))),
+        "{}",
+        aborted.stdout
+    );
+    let res = moto.resources(REGION);
+    for id in [&killed, &aborted_id] {
+        let left = res.tagged_with_build(id);
+        for kind in ["instance ", "key-pair ", "security-group "] {
+            assert!(left.iter().any(|l| l.starts_with(kind)), "{id}: {left:?}");
+        }
+    }
+
+    // The command --on-error abort printed, as the build policy's user.
+    let t = Instant::now();
+    let out = gc_run(
+        &moto,
+        &boot.endpoint(),
+        &key,
+        &secret,
+        &["--build-id", &aborted_id],
+    );
+    eprintln!("gc --build-id: {:?}", t.elapsed());
+    out.assert_code(0);
+    let res = moto.resources(REGION);
+    assert!(
+        res.tagged_with_build(&aborted_id).is_empty(),
+        "{:?}",
+        res.tagged_with_build(&aborted_id)
+    );
+    assert!(
+        !res.tagged_with_build(&killed).is_empty(),
+        "only that build"
+    );
+    // Then everything older than now: the killed build's leftovers.
+    let t = Instant::now();
+    let out = gc_run(
+        &moto,
+        &boot.endpoint(),
+        &key,
+        &secret,
+        &["--older-than", "0s"],
+    );
+    eprintln!("gc --older-than 0s: {:?}", t.elapsed());
+    out.assert_code(0);
+    assert!(
+        out.stderr.contains("removed 3 resources") || out.stdout.contains("removed 3 resources"),
+        "{}",
+        out.stderr
+    );
+    assert_nothing_left(&moto, &killed);
+    assert_nothing_left(&moto, &aborted_id);
+
+    let used = iam_actions(boot.log().iter().map(|e| &e.action));
+    let allowed = policy_actions(&policy_text(BUILD_POLICY));
+    assert!(used.is_subset(&allowed), "{used:?} not in {allowed:?}");
+    for gc_action in [
+        "ec2:TerminateInstances",
+        "ec2:DeleteSecurityGroup",
+        "ec2:DeleteKeyPair",
+    ] {
+        assert!(used.contains(gc_action), "{used:?}");
+    }
+    eprintln!("total {:?}", t0.elapsed());
+}
+
+// ---------------------------------------------------------------------------------------------
+// jbake roll and status.
+
+#[test]
+fn iam_roll_policy_rolls_and_shows_status_and_a_missing_action_changes_nothing() {
+    if !prereq::moto() {
+        return;
+    }
+    let t0 = Instant::now();
+    let mut f = roll::fixture("1");
+    let policy = policy_text(ROLL_POLICY);
+    let (key, secret) = f.moto.iam_user(&policy);
+    let (no_lt_key, no_lt_secret) = f
+        .moto
+        .iam_user(&policy_without(&policy, "ec2:CreateLaunchTemplateVersion"));
+    f.moto.enable_iam_auth();
+    f.env = f.moto.harness_env();
+    let cmd = |key: &str, secret: &str, args: &[&str]| {
+        let mut c = roll::jbake();
+        f.moto.apply_env(&mut c);
+        c.envs(f.moto.env_with(&f.moto.endpoint(), key, secret));
+        c.args(args).args(["--region", REGION]);
+        c
+    };
+    // Without --jenkins-credentials: moto would refuse ssm:GetParameter, whose statement is
+    // scoped to parameter/jenkins/* while moto checks resource "*". The stand-in answers Jenkins
+    // 2.479.2 throughout, hence --jenkins-version.
+    let url = f.jenkins.url();
+    let roll_args = [
+        "roll",
+        "--yes",
+        "--jenkins-url",
+        url.as_str(),
+        "--jenkins-version",
+        "2.479.2",
+    ];
+    eprintln!("set up in {:?}", t0.elapsed());
+
+    // One action less: refused before anything changed (nothing drained, nothing replaced).
+    let t = Instant::now();
+    let denied = Run::from_output(
+        cmd(&no_lt_key, &no_lt_secret, &roll_args)
+            .output()
+            .expect("run jbake roll"),
+    );
+    eprintln!(
+        "roll without ec2:CreateLaunchTemplateVersion: {:?}",
+        t.elapsed()
+    );
+    eprintln!("{}", denied.stderr.trim_end());
+    assert_denied(&denied, "ec2:CreateLaunchTemplateVersion", ROLL_POLICY);
+    roll::assert_untouched(&f, "1");
+    assert!(
+        f.jenkins.calls().iter().all(|c| c.starts_with("GET ")),
+        "{:?}",
+        f.jenkins.calls()
+    );
+
+    // The roll, as the user holding exactly the roll policy.
+    f.moto.start_recording();
+    let t = Instant::now();
+    let rolled = Run::from_output(
+        cmd(&key, &secret, &roll_args)
+            .output()
+            .expect("run jbake roll"),
+    );
+    eprintln!("roll under the roll policy: {:?}", t.elapsed());
+    f.moto.stop_recording();
+    // (The recording stops before the harness's own calls below.)
+    let mut used = iam_actions(&f.moto.recorded_actions());
+    rolled.assert_code(0);
+    assert!(
+        rolled
+            .stdout
+            .contains(&format!("rolled group {GROUP} to {}", f.new_ami)),
+        "{}\n{}",
+        rolled.stdout,
+        rolled.stderr
+    );
+    let st = f.state();
+    assert_eq!(st["group_version"], "2", "{st}");
+    let running = f.running();
+    assert_eq!(running.len(), 1, "{st}");
+    assert_ne!(running[0].0, f.instance);
+    assert_eq!(running[0].1, f.new_ami);
+
+    // status, as the same user.
+    f.moto.start_recording();
+    let t = Instant::now();
+    let status = Run::from_output(
+        cmd(&key, &secret, &["status", "--output", "json"])
+            .output()
+            .expect("run jbake status"),
+    );
+    eprintln!("status: {:?}", t.elapsed());
+    f.moto.stop_recording();
+    used.extend(iam_actions(&f.moto.recorded_actions()));
+    status.assert_code(0);
+    let events = status.events();
+    let s = &events.last().expect("a status event")["result"];
+    assert_eq!(s["group"], GROUP);
+    assert_eq!(s["instances"][0]["image"]["id"], f.new_ami.as_str());
+    assert_eq!(s["versions"][0]["number"], 2);
+
+    // Least privilege: every action the policy lists was needed, except those moto cannot
+    // show (see the top of this file).
+    let mut expected = policy_actions(&policy);
+    for unseen in ["ssm:GetParameter", "ec2:RunInstances", "ec2:CreateTags"] {
+        assert!(expected.remove(unseen), "{unseen} is in the roll policy");
+    }
+    assert_eq!(
+        used, expected,
+        "the roll policy and what roll and status called differ"
+    );
+    eprintln!("total {:?}", t0.elapsed());
+}
