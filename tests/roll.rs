@@ -913,18 +913,21 @@ fn roll_talks_to_jenkins_over_https_and_refuses_an_unknown_certificate() {
     let tls = TlsFront::start(&f.jenkins.url());
     let url = tls.url();
 
-    // The machine's CAs only: the test CA is unknown.
+    // The machine's CAs only: the test CA is unknown. Jenkins cannot be drained, so jbake
+    // refuses before any change.
     let mut cmd = f.roll_cmd_at(&url, &["--yes"]);
     cmd.env_remove("SSL_CERT_FILE").env_remove("SSL_CERT_DIR");
+    f.moto.start_recording();
     let untrusted = Run::from_output(cmd.output().expect("run jbake roll"));
+    f.moto.stop_recording();
     eprintln!("unknown CA:\n{}", untrusted.stderr);
     untrusted.assert_code(1);
     for want in [
-        "cannot put Jenkins in quiet-down",
         &url,
         "invalid peer certificate",
         "point SSL_CERT_FILE at that CA's PEM file",
-        "nothing was replaced: Jenkins is not left in quiet-down",
+        "Jenkins cannot be drained, so nothing was changed",
+        "--no-drain",
     ] {
         assert!(
             untrusted.stderr.contains(want),
@@ -932,12 +935,7 @@ fn roll_talks_to_jenkins_over_https_and_refuses_an_unknown_certificate() {
             untrusted.stderr
         );
     }
-    // The quiet-down never reached Jenkins: there was nothing to cancel.
-    assert!(
-        !untrusted.stderr.contains("could not be put back"),
-        "{}",
-        untrusted.stderr
-    );
+    assert_eq!(writes(&f.moto.recorded_actions()), Vec::<String>::new());
     assert_untouched(&f, "1");
     assert_eq!(f.running(), vec![(f.instance.clone(), f.old_ami.clone())]);
     assert!(
@@ -957,6 +955,75 @@ fn roll_talks_to_jenkins_over_https_and_refuses_an_unknown_certificate() {
     index_of(&calls, "POST /quietDown");
     assert_eq!(f.running().len(), 1);
     assert_eq!(f.running()[0].1, f.new_ami);
+}
+
+/// Jenkins does not answer (nothing listens at its URL): the plan is shown (`--dry-run` works),
+/// but the roll refuses before any change, since it cannot drain; `--no-drain` is the way to
+/// replace a controller whose Jenkins is down, and skips the quiet-down.
+#[test]
+fn roll_without_a_reachable_jenkins_refuses_unless_no_drain() {
+    let f = fixture("1");
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let down = format!("http://127.0.0.1:{closed}");
+    f.moto.start_recording();
+    let dry = Run::from_output(
+        f.roll_cmd_at(&down, &["--dry-run"])
+            .output()
+            .expect("run jbake roll"),
+    );
+    let refused = Run::from_output(
+        f.roll_cmd_at(&down, &["--yes"])
+            .output()
+            .expect("run jbake roll"),
+    );
+    f.moto.stop_recording();
+    dry.assert_code(0);
+    assert!(
+        dry.stdout.contains(&format!("new:     {}", f.new_ami)),
+        "{}",
+        dry.stdout
+    );
+    assert!(
+        dry.stderr.contains("did not answer GET /login"),
+        "{}",
+        dry.stderr
+    );
+    refused.assert_code(1);
+    assert!(
+        refused
+            .stderr
+            .contains("Jenkins cannot be drained, so nothing was changed"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(writes(&f.moto.recorded_actions()), Vec::<String>::new());
+    assert_untouched(&f, "1");
+
+    // --no-drain (here Jenkins answers, so the replacement can be verified): no quiet-down.
+    f.jenkins.state.lock().expect("state").version = "2.479.3".into();
+    let run = f.roll(&["--yes", "--no-drain", "--health-timeout", "60s"]);
+    run.assert_code(0);
+    assert!(
+        run.stdout.contains("no drain (--no-drain)"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stderr.contains("--no-drain: Jenkins at"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        f.jenkins.calls().iter().all(|c| c.starts_with("GET ")),
+        "{:?}",
+        f.jenkins.calls()
+    );
+    let running = f.running();
+    assert_eq!(running.len(), 1, "{running:?}");
+    assert_eq!(running[0].1, f.new_ami);
 }
 
 /// Checks that the group, the template and the instance are as the fixture made them.

@@ -40,6 +40,10 @@ pub struct RollArgs {
     /// How long to wait for running builds to finish.
     #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = recipe::parse_duration)]
     pub drain_timeout: Duration,
+    /// Replace without draining Jenkins: for a controller whose Jenkins does not answer (builds
+    /// still running on it are lost).
+    #[arg(long)]
+    pub no_drain: bool,
     /// How long the new controller has to serve before jbake rolls back.
     #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = recipe::parse_duration)]
     pub health_timeout: Duration,
@@ -118,6 +122,7 @@ pub async fn roll_cmd(args: RollArgs, output: Output, quiet: bool) -> Result<(),
         jenkins_credentials: args.jenkins_credentials.clone(),
         jenkins_version: args.jenkins_version.clone(),
         drain_timeout: args.drain_timeout,
+        no_drain: args.no_drain,
         health_timeout: args.health_timeout,
     };
     let aws = Aws::new(&opts.aws).await;
@@ -151,6 +156,9 @@ pub async fn roll_cmd(args: RollArgs, output: Output, quiet: bool) -> Result<(),
     if args.dry_run {
         progress.info("dry_run", "--dry-run: nothing was changed");
         return Ok(());
+    }
+    if let Some(why) = p.refusal(&opts) {
+        return Err(Failure::Runtime(anyhow::anyhow!(why)));
     }
     if !args.yes
         && !confirm(&format!(

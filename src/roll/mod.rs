@@ -57,6 +57,8 @@ pub struct RollOptions {
     pub jenkins_credentials: Option<String>,
     pub jenkins_version: Option<String>,
     pub drain_timeout: Duration,
+    /// Skip the drain (Jenkins does not answer; running builds are lost).
+    pub no_drain: bool,
     pub health_timeout: Duration,
 }
 
@@ -69,7 +71,22 @@ pub struct Prepared {
     pub secrets: Vec<String>,
     /// Jenkins' version before the roll (from `/login`), if it answered.
     pub jenkins_before: Option<String>,
+    /// Why Jenkins could not be reached before the roll (no connection, TLS refused).
+    pub jenkins_unreachable: Option<String>,
     pub expected_version: Option<String>,
+}
+
+impl Prepared {
+    /// Why the roll must not start, though the plan could be made: Jenkins cannot be reached,
+    /// so it cannot be drained (unless `--no-drain`).
+    pub fn refusal(&self, opts: &RollOptions) -> Option<String> {
+        let why = self.jenkins_unreachable.as_ref()?;
+        (!opts.no_drain).then(|| {
+            format!(
+                "{why}; Jenkins cannot be drained, so nothing was changed: fix --jenkins-url (or what stands between), or pass --no-drain to replace a controller whose Jenkins is down (builds still running on it would be lost)"
+            )
+        })
+    }
 }
 
 pub enum Prepare {
@@ -254,6 +271,7 @@ pub async fn prepare(opts: &RollOptions, aws: &Aws, progress: &Progress) -> Resu
         })
         .collect();
     let jenkins = Jenkins::new(&url, creds.as_deref()).map_err(|e| Error::Input(e.to_string()))?;
+    let mut jenkins_unreachable = None;
     let jenkins_before = match jenkins.login().await {
         Ok(l) if l.is_up() => l.version,
         Ok(l) => {
@@ -265,6 +283,9 @@ pub async fn prepare(opts: &RollOptions, aws: &Aws, progress: &Progress) -> Resu
         }
         Err(e) => {
             progress.warn(&e.to_string());
+            if e.not_sent() {
+                jenkins_unreachable = Some(e.to_string());
+            }
             None
         }
     };
@@ -278,7 +299,9 @@ pub async fn prepare(opts: &RollOptions, aws: &Aws, progress: &Progress) -> Resu
         current,
         ImageSummary::of(&new),
         &url,
-        &fmt_duration(opts.drain_timeout),
+        (!opts.no_drain)
+            .then(|| fmt_duration(opts.drain_timeout))
+            .as_deref(),
         &fmt_duration(opts.health_timeout),
     );
     Ok(Prepare::Ready(Box::new(Prepared {
@@ -287,6 +310,7 @@ pub async fn prepare(opts: &RollOptions, aws: &Aws, progress: &Progress) -> Resu
         jenkins,
         secrets,
         jenkins_before,
+        jenkins_unreachable,
         expected_version,
     })))
 }
@@ -554,6 +578,14 @@ async fn drain(
     progress: &Progress,
 ) -> Result<Option<Instant>, String> {
     let j = &p.jenkins;
+    if opts.no_drain {
+        progress.warn(&format!(
+            "--no-drain: Jenkins at {} is not put in quiet-down; builds still running on it are lost",
+            j.url()
+        ));
+        let login = j.login().await.ok().filter(|l| l.is_up());
+        return Ok(login.map(|_| Instant::now()));
+    }
     // Recorded before the request: a quiet-down whose answer was lost must still be cancelled.
     journal.update(|s| s.quiet_down = true);
     if let Err(e) = j.quiet_down().await {

@@ -153,7 +153,7 @@ impl Plan {
         current: ImageSummary,
         new: ImageSummary,
         jenkins_url: &str,
-        drain_timeout: &str,
+        drain_timeout: Option<&str>,
         health_timeout: &str,
     ) -> Plan {
         let new_version = d.latest_version + 1;
@@ -163,7 +163,10 @@ impl Plan {
                 d.template.id, d.current.number, current.id, new.id
             ),
             format!("make version {new_version} the template's default and point group {} at version {new_version}", d.group.name),
-            format!("put Jenkins at {jenkins_url} in quiet-down and wait up to {drain_timeout} until no build runs"),
+            match drain_timeout {
+                Some(t) => format!("put Jenkins at {jenkins_url} in quiet-down and wait up to {t} until no build runs"),
+                None => format!("no drain (--no-drain): Jenkins at {jenkins_url} is not put in quiet-down; builds still running on it are lost"),
+            },
             format!("terminate {instance_id} in the group without lowering its capacity: the group launches the new controller"),
             format!("verify within {health_timeout}: the new instance runs {} (EC2), its target is healthy, Jenkins answers /login; report the downtime", new.id),
             format!("on failure: point the group back at version {}, replace again, check that {} serves, exit 1", d.current.number, current.id),
