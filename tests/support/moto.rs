@@ -834,7 +834,9 @@ fn serve(target: &Target, launched: &Launched) -> Result<Served, String> {
 
 /// Installs the host key (as the only one, like `ssh_deletekeys: true` with
 /// `ssh_genkeytypes: []`) and the authorized key in a booted nspawn instance (through
-/// `scripts/instance exec`, as root) and reloads its sshd.
+/// `scripts/instance exec`, as root), reloads its sshd and waits until it answers with
+/// the new host key (SIGHUP closes the listener for a moment: an ssh right after it
+/// would be refused).
 fn serve_instance(
     name: &str,
     user: &str,
@@ -860,6 +862,12 @@ fn serve_instance(
     }
     script.push_str(
         "systemctl reload ssh 2>/dev/null || systemctl reload sshd 2>/dev/null || pkill -HUP -x sshd\n\
+         pub=$(cut -d' ' -f2 /etc/ssh/ssh_host_ed25519_key.pub)\n\
+         i=0\n\
+         until ssh-keyscan -T 2 -t ed25519 127.0.0.1 2>/dev/null | grep -qF \"$pub\"; do\n\
+           i=$((i+1)); if [ $i -ge 150 ]; then echo 'sshd did not answer with the new host key' >&2; exit 1; fi\n\
+           sleep 0.1\n\
+         done\n\
          cat /etc/ssh/ssh_host_ed25519_key.pub\n",
     );
     let out = super::command(super::instance::script())
