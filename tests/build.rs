@@ -393,6 +393,88 @@ fn an_image_that_cannot_be_made_is_cleaned_up_with_everything_else() {
     );
 }
 
+#[test]
+fn a_built_image_whose_cleanup_fails_is_kept_and_the_build_exits_1() {
+    if !prereq::instance_tier() || !prereq::moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(&moto.endpoint());
+    // The image gets made, then nothing temporary can be removed (a permission that went away).
+    proxy.set(
+        r#"[{"action": "DescribeInstances", "after": "RunInstances", "delay_ms": 4000, "times": 1},
+            {"action": "TerminateInstances", "status": 400, "code": "UnauthorizedOperation", "message": "injected: no terminate"},
+            {"action": "DeleteSecurityGroup", "status": 400, "code": "UnauthorizedOperation", "message": "injected: no delete"},
+            {"action": "DeleteKeyPair", "status": 400, "code": "UnauthorizedOperation", "message": "injected: no delete"}]"#,
+    );
+    let vm = Instance::builder("build-leak").up();
+    let _cloud = CloudInit::for_instance(&moto, &vm);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifest = dir.path().join("manifest.json");
+    let r = recipe(
+        dir.path(),
+        &vm.user,
+        "steps:\n  - name: x\n    run: 'true'\n",
+    );
+    let out = run(
+        build_cmd(&moto, &proxy.endpoint(), &r, &vm.host, vm.port, &manifest),
+        &[],
+    );
+    // A leak is not a success, even with a good image: the cron sees it in the exit status.
+    out.assert_code(1);
+    let id = build_id_of(&out);
+    let ami = finished(&out)["ami_id"]
+        .as_str()
+        .expect("the image is reported")
+        .to_string();
+    let last = out.stderr.lines().last().unwrap_or_default().to_string();
+    assert!(
+        last.starts_with(&format!("error: built {ami} (jbake-test-"))
+            && last.contains("but its cleanup failed, these are left: ")
+            && last.ends_with(&format!(
+                "; `jbake gc --region {REGION} --build-id {id}` removes them"
+            )),
+        "{}",
+        out.stderr
+    );
+    let left = moto.resources(REGION).tagged_with_build(&id);
+    for kind in ["instance ", "key-pair ", "security-group "] {
+        assert!(left.iter().any(|l| l.starts_with(kind)), "{left:?}");
+    }
+    for what in left
+        .iter()
+        .filter(|l| !l.starts_with("image ") && !l.starts_with("snapshot "))
+    {
+        let id = what.split_whitespace().nth(1).expect("id");
+        assert!(last.contains(id), "{what} is not named: {last}");
+    }
+    // The image is complete and recorded: the next run finds it, nothing is rebuilt.
+    let image = moto
+        .resources(REGION)
+        .images
+        .into_iter()
+        .find(|i| i.id == ami)
+        .expect("the image is kept");
+    assert_eq!(image.state.as_deref(), Some("available"));
+    assert_eq!(
+        image.tags.get("jbake:complete").map(String::as_str),
+        Some("true")
+    );
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).expect("manifest")).expect("json");
+    assert_eq!(m["builds"][0]["ami_id"], ami.as_str());
+
+    // The command it names removes the rest and keeps the image.
+    proxy.set("[]");
+    let mut gc = jbake();
+    moto.apply_env(&mut gc);
+    gc.args(["gc", "--region", REGION, "--build-id", &id])
+        .args(["--endpoint-url", &moto.endpoint()]);
+    run(gc, &[]).assert_code(0);
+    assert_nothing_left(&moto, &id);
+    assert!(moto.resources(REGION).images.iter().any(|i| i.id == ami));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Quick tier: failures and interruptions before the image hygiene.
 

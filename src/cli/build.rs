@@ -317,7 +317,16 @@ async fn bake(opts: BuildOptions, output: Output, quiet: bool) -> Result<(), Fai
     match outcome {
         Some(Ok(built)) => {
             progress.result(&built);
-            Ok(())
+            // The image is good and recorded, but a leak must not pass as success: the nightly
+            // cron alerts on the exit status, not on a warning in its log.
+            match left.sentence(&gc_hint) {
+                None => Ok(()),
+                Some(left) => Err(Failure::Runtime(anyhow::anyhow!(
+                    "built {} ({}), but {left}",
+                    built.ami_id,
+                    built.name
+                ))),
+            }
         }
         Some(Err(e)) => Err(match e {
             build::Error::Recipe(e) => Failure::Input(e.into()),
