@@ -351,17 +351,25 @@ fn a_build_bakes_a_tagged_versioned_ami_and_leaves_nothing_behind() {
     }
 }
 
-#[test]
-fn an_image_that_cannot_be_made_is_cleaned_up_with_everything_else() {
-    if !prereq::instance_tier() || !prereq::moto() {
-        return;
-    }
+/// A one-step build on a fresh instance, its API calls through a fault proxy set to `rules`.
+/// Fields drop in order: the run, its folder, the cloud-init stand-in, the instance, the proxy,
+/// moto.
+struct FaultedBuild {
+    out: Run,
+    manifest: PathBuf,
+    _dir: tempfile::TempDir,
+    _cloud: CloudInit,
+    _vm: Instance,
+    proxy: FaultProxy,
+    moto: Moto,
+}
+
+fn faulted_build(name: &str, rules: &str) -> FaultedBuild {
     let moto = Moto::start();
     let proxy = FaultProxy::start(&moto.endpoint());
-    proxy.set(r#"[{"action": "CreateImage", "status": 500, "code": "InternalError", "message": "injected"},
-        {"action": "DescribeInstances", "delay_ms": 4000, "times": 1}]"#);
-    let vm = Instance::builder("build-fault").up();
-    let _cloud = CloudInit::for_instance(&moto, &vm);
+    proxy.set(rules);
+    let vm = Instance::builder(name).up();
+    let cloud = CloudInit::for_instance(&moto, &vm);
     let dir = tempfile::tempdir().expect("tempdir");
     let manifest = dir.path().join("manifest.json");
     let r = recipe(
@@ -373,22 +381,44 @@ fn an_image_that_cannot_be_made_is_cleaned_up_with_everything_else() {
         build_cmd(&moto, &proxy.endpoint(), &r, &vm.host, vm.port, &manifest),
         &[],
     );
-    out.assert_code(1);
-    assert!(
-        out.stderr.contains("CreateImage") || out.stderr.contains("creating image"),
-        "{}",
-        out.stderr
+    FaultedBuild {
+        out,
+        manifest,
+        _dir: dir,
+        _cloud: cloud,
+        _vm: vm,
+        proxy,
+        moto,
+    }
+}
+
+#[test]
+fn an_image_that_cannot_be_made_is_cleaned_up_with_everything_else() {
+    if !prereq::instance_tier() || !prereq::moto() {
+        return;
+    }
+    let b = faulted_build(
+        "build-fault",
+        r#"[{"action": "CreateImage", "status": 500, "code": "InternalError", "message": "injected"},
+            {"action": "DescribeInstances", "delay_ms": 4000, "times": 1}]"#,
     );
-    assert!(out.stderr.contains("injected"), "{}", out.stderr);
-    let id = build_id_of(&out);
-    assert_nothing_left(&moto, &id);
-    assert!(moto
+    b.out.assert_code(1);
+    assert!(
+        b.out.stderr.contains("CreateImage") || b.out.stderr.contains("creating image"),
+        "{}",
+        b.out.stderr
+    );
+    assert!(b.out.stderr.contains("injected"), "{}", b.out.stderr);
+    let id = build_id_of(&b.out);
+    assert_nothing_left(&b.moto, &id);
+    assert!(b
+        .moto
         .resources(REGION)
         .images
         .iter()
         .all(|i| !i.tags.contains_key("jbake:build-id")));
     assert!(
-        !manifest.exists(),
+        !b.manifest.exists(),
         "a failed build writes no manifest entry"
     );
 }
@@ -398,36 +428,22 @@ fn a_built_image_whose_cleanup_fails_is_kept_and_the_build_exits_1() {
     if !prereq::instance_tier() || !prereq::moto() {
         return;
     }
-    let moto = Moto::start();
-    let proxy = FaultProxy::start(&moto.endpoint());
     // The image gets made, then nothing temporary can be removed (a permission that went away).
-    proxy.set(
+    let b = faulted_build(
+        "build-leak",
         r#"[{"action": "DescribeInstances", "after": "RunInstances", "delay_ms": 4000, "times": 1},
             {"action": "TerminateInstances", "status": 400, "code": "UnauthorizedOperation", "message": "injected: no terminate"},
             {"action": "DeleteSecurityGroup", "status": 400, "code": "UnauthorizedOperation", "message": "injected: no delete"},
             {"action": "DeleteKeyPair", "status": 400, "code": "UnauthorizedOperation", "message": "injected: no delete"}]"#,
     );
-    let vm = Instance::builder("build-leak").up();
-    let _cloud = CloudInit::for_instance(&moto, &vm);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let manifest = dir.path().join("manifest.json");
-    let r = recipe(
-        dir.path(),
-        &vm.user,
-        "steps:\n  - name: x\n    run: 'true'\n",
-    );
-    let out = run(
-        build_cmd(&moto, &proxy.endpoint(), &r, &vm.host, vm.port, &manifest),
-        &[],
-    );
     // A leak is not a success, even with a good image: the cron sees it in the exit status.
-    out.assert_code(1);
-    let id = build_id_of(&out);
-    let ami = finished(&out)["ami_id"]
+    b.out.assert_code(1);
+    let id = build_id_of(&b.out);
+    let ami = finished(&b.out)["ami_id"]
         .as_str()
         .expect("the image is reported")
         .to_string();
-    let last = out.stderr.lines().last().unwrap_or_default().to_string();
+    let last = b.out.stderr.lines().last().unwrap_or_default().to_string();
     assert!(
         last.starts_with(&format!("error: built {ami} (jbake-test-"))
             && last.contains("but its cleanup failed, these are left: ")
@@ -435,21 +451,16 @@ fn a_built_image_whose_cleanup_fails_is_kept_and_the_build_exits_1() {
                 "; `jbake gc --region {REGION} --build-id {id}` removes them"
             )),
         "{}",
-        out.stderr
+        b.out.stderr
     );
-    let left = moto.resources(REGION).tagged_with_build(&id);
+    let left = b.moto.resources(REGION).tagged_with_build(&id);
     for kind in ["instance ", "key-pair ", "security-group "] {
         assert!(left.iter().any(|l| l.starts_with(kind)), "{left:?}");
     }
-    for what in left
-        .iter()
-        .filter(|l| !l.starts_with("image ") && !l.starts_with("snapshot "))
-    {
-        let id = what.split_whitespace().nth(1).expect("id");
-        assert!(last.contains(id), "{what} is not named: {last}");
-    }
+    assert_each_named_once(&last, &left);
     // The image is complete and recorded: the next run finds it, nothing is rebuilt.
-    let image = moto
+    let image = b
+        .moto
         .resources(REGION)
         .images
         .into_iter()
@@ -461,18 +472,19 @@ fn a_built_image_whose_cleanup_fails_is_kept_and_the_build_exits_1() {
         Some("true")
     );
     let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&manifest).expect("manifest")).expect("json");
+        serde_json::from_str(&std::fs::read_to_string(&b.manifest).expect("manifest"))
+            .expect("json");
     assert_eq!(m["builds"][0]["ami_id"], ami.as_str());
 
     // The command it names removes the rest and keeps the image.
-    proxy.set("[]");
+    b.proxy.set("[]");
     let mut gc = jbake();
-    moto.apply_env(&mut gc);
+    b.moto.apply_env(&mut gc);
     gc.args(["gc", "--region", REGION, "--build-id", &id])
-        .args(["--endpoint-url", &moto.endpoint()]);
+        .args(["--endpoint-url", &b.moto.endpoint()]);
     run(gc, &[]).assert_code(0);
-    assert_nothing_left(&moto, &id);
-    assert!(moto.resources(REGION).images.iter().any(|i| i.id == ami));
+    assert_nothing_left(&b.moto, &id);
+    assert!(b.moto.resources(REGION).images.iter().any(|i| i.id == ami));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -678,17 +690,7 @@ fn a_cleanup_that_fails_says_what_is_left_and_the_gc_command() {
         "{}",
         out.stderr
     );
-    for what in &left {
-        // "instance i-…", "key-pair jbake-…", "security-group sg-… (name)"
-        let (kind, rest) = what.split_once(' ').expect("kind and id");
-        let name = rest.split_whitespace().next().expect("id");
-        let kind = kind.replace('-', " ");
-        assert!(
-            last.contains(&format!("{kind} {name}")),
-            "{what} is not named: {last}"
-        );
-        assert_eq!(last.matches(name).count(), 1, "{name} twice: {last}");
-    }
+    assert_each_named_once(&last, &left);
 
     // The command it names removes them.
     q.boot.set("[]");
@@ -705,6 +707,25 @@ fn a_cleanup_that_fails_says_what_is_left_and_the_gc_command() {
         .args(["--endpoint-url", &q.moto.endpoint()]);
     run(gc, &[]).assert_code(0);
     assert_nothing_left(&q.moto, &id);
+}
+
+/// Each temporary resource in `left` (as the harness lists them: "instance i-…", "key-pair
+/// jbake-…", "security-group sg-… (name)") is named once in the error line `last`; images and
+/// snapshots are not temporary.
+fn assert_each_named_once(last: &str, left: &[String]) {
+    for what in left
+        .iter()
+        .filter(|l| !l.starts_with("image ") && !l.starts_with("snapshot "))
+    {
+        let (kind, rest) = what.split_once(' ').expect("kind and id");
+        let name = rest.split_whitespace().next().expect("id");
+        let kind = kind.replace('-', " ");
+        assert!(
+            last.contains(&format!("{kind} {name}")),
+            "{what} is not named: {last}"
+        );
+        assert_eq!(last.matches(name).count(), 1, "{name} twice: {last}");
+    }
 }
 
 #[test]
