@@ -34,6 +34,9 @@ pub fn content_hash(plan: &Plan, base_ami: &str) -> Result<String, std::io::Erro
         };
         field(&format!("var:{}", v.name), value.as_bytes());
     }
+    for (k, v) in &plan.tags {
+        field(&format!("tag:{k}"), v.as_bytes());
+    }
     let secrets = plan.secrets();
     for step in plan.all_steps() {
         // The step as rendered, without where it is written (moving a step between files

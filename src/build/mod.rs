@@ -443,6 +443,9 @@ pub async fn run(
         ),
         (tags::COMPLETE.to_string(), "false".to_string()),
     ]);
+    // The recipe's own tags (`tags:`, e.g. the controller's jbake:efs-id); jbake's keys are
+    // refused at validate, so they cannot override the ones above.
+    image_tags.extend(plan.tags.iter().cloned());
     let description = format!(
         "{} {version} by jbake {} from {} ({})",
         plan.name,

@@ -60,6 +60,14 @@ pub fn format_plan(plan: &Plan) -> String {
         };
         let _ = writeln!(o, "  {:<width$} = {value} ({source})", v.name);
     }
+    if !plan.tags.is_empty() {
+        let _ = writeln!(o);
+        let _ = writeln!(o, "image tags:");
+        let width = plan.tags.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        for (k, v) in &plan.tags {
+            let _ = writeln!(o, "  {k:<width$} = {v:?}");
+        }
+    }
     let secrets = plan.secrets();
     for (title, steps) in [("steps", &plan.steps), ("validate", &plan.validate)] {
         let _ = writeln!(o);

@@ -59,6 +59,27 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Plan, Error> {
     for (i, raw) in expanded.steps.iter().enumerate() {
         steps.push(renderer.step(raw, i + 1)?);
     }
+    let mut tags = Vec::with_capacity(recipe.tags.len());
+    for (key, template) in &recipe.tags {
+        let value = renderer.render(template)?;
+        if value.chars().count() > 256 {
+            return Err(template.err(format!(
+                "the tag value is {} characters long; EC2 allows at most 256",
+                value.chars().count()
+            )));
+        }
+        if resolved
+            .list
+            .iter()
+            .any(|v| v.secret && !v.value.is_empty() && value.contains(&v.value))
+        {
+            return Err(template.err(
+                "a tag value may not contain a secret variable: tags are readable by anyone who can describe the image",
+            ));
+        }
+        tags.push((key.clone(), value));
+    }
+    tags.sort();
     let mut validate = Vec::with_capacity(expanded.validate.len());
     for (i, raw) in expanded.validate.iter().enumerate() {
         validate.push(renderer.step(raw, i + 1)?);
@@ -71,6 +92,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Plan, Error> {
         base: recipe.base,
         instance: recipe.instance,
         vars: resolved.list,
+        tags,
         steps,
         validate,
     })

@@ -26,10 +26,28 @@ const TOP_KEYS: &[&str] = &[
     "base",
     "instance",
     "vars",
+    "tags",
     "include",
     "steps",
     "validate",
 ];
+/// Tag keys jbake writes itself: a recipe's `tags:` cannot set them.
+pub(crate) const RESERVED_TAGS: &[&str] = &[
+    "Name",
+    "jbake:build-id",
+    "jbake:recipe",
+    "jbake:expires-at",
+    "jbake:created-at",
+    "jbake:version",
+    "jbake:content-hash",
+    "jbake:base-ami",
+    "jbake:jbake-version",
+    "jbake:complete",
+];
+static TAG_KEY: LazyLock<Regex> = LazyLock::new(|| {
+    // What EC2 accepts in a tag key (letters, digits, spaces and + - = . _ : / @), 1-128.
+    Regex::new(r"^[\p{L}\p{N} +\-=._:/@]{1,128}$").expect("static regex")
+});
 const INCLUDED_KEYS: &[&str] = &["include", "steps", "validate"];
 const STEP_KEYS: &[&str] = &[
     "name", "run", "line", "upload", "file", "reboot", "retries", "delay", "timeout", "when",
@@ -136,6 +154,8 @@ pub(crate) struct RawRecipe {
     pub vars: Vec<VarDecl>,
     /// Where `vars:` is written (or the top of the file), for errors about variables.
     pub vars_origin: Origin,
+    /// `tags:`: tag key → value template, put on the image and its snapshots.
+    pub tags: Vec<(String, Spanned)>,
     pub body: StepFile,
 }
 
@@ -199,6 +219,10 @@ pub(crate) fn decode_recipe(root: &Node) -> Result<RawRecipe, Error> {
         }
         None => (Vec::new(), root.origin()),
     };
+    let tags = match m.get("tags") {
+        Some(n) => decode_tags(n)?,
+        None => Vec::new(),
+    };
     let body = decode_step_file_body(&m)?;
     if body.steps.is_empty() && body.includes.is_empty() {
         if let Some(n) = m.get("steps") {
@@ -216,8 +240,36 @@ pub(crate) fn decode_recipe(root: &Node) -> Result<RawRecipe, Error> {
         instance,
         vars,
         vars_origin,
+        tags,
         body,
     })
+}
+
+/// `tags:` — a mapping of tag key to a value template (rendered like a step's fields).
+fn decode_tags(node: &Node) -> Result<Vec<(String, Spanned)>, Error> {
+    let m = node.map("tags", &[])?;
+    let mut out = Vec::new();
+    for (key, key_node, v) in &m.entries {
+        let field = format!("tags.{key}");
+        if !TAG_KEY.is_match(key) {
+            return Err(key_node.err(
+                &field,
+                format!("'{key}' is not a tag key (1 to 128 letters, digits, spaces and + - = . _ : / @)"),
+            ));
+        }
+        if key.to_ascii_lowercase().starts_with("aws:") {
+            return Err(key_node.err(&field, "tag keys starting with aws: are reserved by AWS"));
+        }
+        if RESERVED_TAGS.contains(key) {
+            return Err(key_node.err(
+                &field,
+                format!("'{key}' is written by jbake itself and cannot be set by a recipe"),
+            ));
+        }
+        let value = v.scalar_string(&field)?;
+        out.push((key.to_string(), Spanned::of(v, field, &value)));
+    }
+    Ok(out)
 }
 
 /// Decode an included file: a mapping with `steps:`, optional `validate:` and `include:`.

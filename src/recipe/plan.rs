@@ -176,6 +176,8 @@ pub struct Plan {
     pub instance: Instance,
     /// All variables, built-ins included, sorted by name.
     pub vars: Vec<ResolvedVar>,
+    /// The recipe's `tags:`, rendered, sorted by key: put on the image and its snapshots.
+    pub tags: Vec<(String, String)>,
     pub steps: Vec<Step>,
     pub validate: Vec<Step>,
 }

@@ -387,3 +387,28 @@ fn a_bare_when_reads_string_values_as_booleans() {
         "{err}"
     );
 }
+
+#[test]
+fn tags_are_rendered_sorted_and_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.yaml");
+    std::fs::write(
+        &path,
+        "version: 1\nname: r\nbase: { ami: ami-0123456789abcdef0, ssh_user: admin }\n\
+         vars:\n  efs_id: { required: true }\n\
+         tags:\n  jbake:efs-id: \"{{ efs_id }}\"\n  Team: ci\n\
+         steps:\n  - name: s\n    run: \"true\"\n",
+    )
+    .unwrap();
+    let plan = load(&path, &opts(&[("efs_id", "fs-01234567")])).unwrap();
+    assert_eq!(
+        plan.tags,
+        vec![
+            ("Team".to_string(), "ci".to_string()),
+            ("jbake:efs-id".to_string(), "fs-01234567".to_string())
+        ]
+    );
+    let text = format_plan(&plan);
+    assert!(text.contains("image tags:"), "{text}");
+    assert!(text.contains("jbake:efs-id = \"fs-01234567\""), "{text}");
+}
