@@ -18,11 +18,12 @@ pub fn fmt_duration(d: Duration) -> String {
     }
 }
 
-/// Quotes a string for a POSIX shell: `'it'\''s'`.
+/// Quotes a string for a POSIX shell: `'it'\''s'`. A word of only `[A-Za-z0-9_./:,+@%-]` is
+/// left as it is (no `=`: a bare `A=b` in command position would be an assignment).
 pub fn shell_quote(s: &str) -> String {
     if !s.is_empty()
         && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_-./=:,+@%".contains(&b))
+            .all(|b| b.is_ascii_alphanumeric() || b"_-./:,+@%".contains(&b))
     {
         return s.to_string();
     }

@@ -10,6 +10,7 @@ mod include;
 mod model;
 pub mod plan;
 mod render;
+mod shell;
 mod values;
 mod vars;
 mod yaml;
