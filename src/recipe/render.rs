@@ -74,6 +74,8 @@ pub(crate) struct Renderer<'a> {
     env: Environment<'static>,
     context: &'a BTreeMap<String, String>,
     unset: &'a [String],
+    /// Secret values in all their forms: never quoted in an error.
+    secrets: Vec<String>,
     /// The top-level recipe's folder (upload sources are also looked up there).
     top_dir: PathBuf,
 }
@@ -114,6 +116,7 @@ impl<'a> Renderer<'a> {
     pub fn new(
         context: &'a BTreeMap<String, String>,
         unset: &'a [String],
+        secret_values: &[String],
         top_file: &Path,
     ) -> Self {
         let mut env = Environment::new();
@@ -135,6 +138,7 @@ impl<'a> Renderer<'a> {
             env,
             context,
             unset,
+            secrets: crate::util::secret_forms(secret_values),
             top_dir: top_file.parent().unwrap_or(Path::new("")).to_path_buf(),
         }
     }
@@ -178,6 +182,8 @@ impl<'a> Renderer<'a> {
             Some(d) => format!("{what}: {d}"),
             None => what,
         };
+        // A template error may quote a value.
+        let msg = crate::util::mask(&msg, &self.secrets);
         place.err(e.line().unwrap_or(1), 1, msg)
     }
 
@@ -230,6 +236,11 @@ impl<'a> Renderer<'a> {
             Some(text) => match text.trim().to_ascii_lowercase().as_str() {
                 "true" | "yes" | "on" | "1" => Ok(true),
                 "false" | "no" | "off" | "0" | "" => Ok(false),
+                _ if self.secrets.iter().any(|x| text.contains(x.as_str())) => Err(s.err(format!(
+                    "when: {:?} evaluates to a string that is not a boolean (the value of a \
+                     secret variable, not shown; write a comparison)",
+                    s.value
+                ))),
                 _ => Err(s.err(format!(
                     "when: {:?} evaluates to the string {text:?}, which is not a boolean \
                      (write a comparison, e.g. `x == \"{text}\"`)",
@@ -300,10 +311,7 @@ impl<'a> Renderer<'a> {
                             path.display()
                         )));
                     }
-                    let bytes = std::fs::read(&path).map_err(|source| Error::Io {
-                        path: path.clone(),
-                        source,
-                    })?;
+                    let bytes = super::read_file(&path)?;
                     let text = String::from_utf8(bytes).map_err(|_| {
                         src.err(format!(
                             "{} is not UTF-8 text, so it cannot be a template",
@@ -395,6 +403,12 @@ impl<'a> Renderer<'a> {
         for d in &dirs {
             let p = d.join(rel);
             if p.exists() {
+                if let Some(special) = special_file(&p, 0) {
+                    return Err(src.err(format!(
+                        "{} is not a regular file or folder (a device, a FIFO or a socket): it cannot be uploaded",
+                        special.display()
+                    )));
+                }
                 return Ok(p);
             }
             tried.push(p.display().to_string());
@@ -404,6 +418,25 @@ impl<'a> Renderer<'a> {
             tried.join(", ")
         )))
     }
+}
+
+/// The first thing at or below `path` (symlinks followed, 32 levels at most) that is neither
+/// a regular file nor a folder: uploading a device or a FIFO would never end.
+fn special_file(path: &Path, depth: usize) -> Option<PathBuf> {
+    let meta = std::fs::metadata(path).ok()?;
+    if meta.is_file() {
+        return None;
+    }
+    if !meta.is_dir() {
+        return Some(path.to_path_buf());
+    }
+    if depth >= 32 {
+        return None;
+    }
+    let entries = std::fs::read_dir(path).ok()?;
+    entries
+        .filter_map(Result::ok)
+        .find_map(|e| special_file(&e.path(), depth + 1))
 }
 
 /// Prints a value: quoted for the shell in `run:` scripts (a list item by item, separated by

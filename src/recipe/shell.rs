@@ -51,14 +51,20 @@ impl Misplaced {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ctx {
     /// Plain shell words. `parens` counts unmatched `(` of subshells inside it.
-    Normal { parens: u32 },
+    Normal {
+        parens: u32,
+    },
     /// `$( … )`: plain words until the matching `)`.
-    Subst { parens: u32 },
+    Subst {
+        parens: u32,
+    },
     Double,
     Single,
     Backquote,
     /// `$(( … ))`
-    Arith { parens: u32 },
+    Arith {
+        parens: u32,
+    },
     /// `${ … }`
     Brace,
     Comment,
@@ -416,7 +422,11 @@ mod tests {
         }
         let m = check_placement("echo ok\n  echo \"{{ home }}\"").unwrap_err();
         assert_eq!((m.line, m.column, m.expr.as_str()), (2, 9, "{{ home }}"));
-        assert!(m.message().contains("outside the quotes"), "{}", m.message());
+        assert!(
+            m.message().contains("outside the quotes"),
+            "{}",
+            m.message()
+        );
     }
 
     #[test]
