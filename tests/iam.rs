@@ -91,6 +91,11 @@ fn policy_without(text: &str, action: &str) -> String {
         }
     }
     assert!(removed, "{action} is not in the policy");
+    // A statement left without actions is not a statement (IAM refuses the document).
+    doc["Statement"]
+        .as_array_mut()
+        .expect("statements")
+        .retain(|s| s["Action"].as_array().is_none_or(|a| !a.is_empty()));
     doc.to_string()
 }
 

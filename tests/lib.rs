@@ -11,4 +11,5 @@ mod harness_aws;
 mod iam;
 mod images;
 mod roll;
+mod security;
 mod validate;
