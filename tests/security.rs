@@ -539,44 +539,82 @@ fn security_secrets_never_leak_through_apply_build_and_roll() {
     assert!(out.stderr.contains("not a boolean"), "{}", out.stderr);
     checked += check("validate with a when: on a secret", &out, &needles);
 
-    // build, against moto with SSH to the sshd: text and JSON, a failing one, the manifest.
-    let mut sshd = sshd;
+    // build, against moto with SSH to a real Debian (nspawn): NEVER to the quick tier's sshd,
+    // which is this machine (a build that succeeds runs the image hygiene there: host keys,
+    // machine-id, /tmp and /var/tmp). A failing build in text, a build in JSON, the manifest,
+    // and the image's file system.
+    drop(sshd);
     let moto = Moto::start();
-    let _cloud = CloudInit::for_sshd(&moto, &mut sshd);
     let proxy = FaultProxy::start(&moto.endpoint());
     let manifest = work.path().join("manifest.json");
-    for (fail, output) in [(false, "json"), (true, "text")] {
-        let dir = work.path().join(format!("build-{fail}"));
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        let r = build_recipe(&dir, sshd.user(), &secret_steps(&secrets, fail));
-        proxy.set(crate::support::bake::BOOTING);
-        let mut c = if output == "json" {
-            build_cmd(&moto, &proxy.endpoint(), &r, sshd.host(), sshd.port(), &manifest)
-        } else {
-            // build_cmd asks for JSON; the same command in text.
-            let mut c = jbake();
-            moto.apply_env(&mut c);
-            c.args(["build", &r.display().to_string(), "--region", REGION])
-                .args(["--endpoint-url", &proxy.endpoint()])
-                .args(["--ssh-host", sshd.host(), "--ssh-port", &sshd.port().to_string()])
-                .args(["--ssh-cidr", "127.0.0.1/32", "--connect-timeout", "60s"])
-                .args(["--manifest", &manifest.display().to_string()]);
-            c
-        };
-        c.env("JBAKE_LOG", "debug");
-        let out = run_cmd(c, &["--var-file", &vars_arg, "--force"]);
-        out.assert_code(if fail { 1 } else { 0 });
-        checked += check(&format!("build ({output}, failing: {fail})"), &out, &needles);
-        if output == "json" {
-            crate::build::assert_nothing_left(&moto, &build_id_of(&out));
+    if prereq::instance_tier() {
+        let vm = Instance::builder("sec-secrets").up();
+        let cloud = CloudInit::for_instance(&moto, &vm);
+        for (fail, output) in [(true, "text"), (false, "json")] {
+            let dir = work.path().join(format!("build-{fail}"));
+            std::fs::create_dir_all(&dir).expect("mkdir");
+            let r = build_recipe(&dir, &vm.user, &secret_steps(&secrets, fail));
+            proxy.set(crate::support::bake::BOOTING);
+            let mut c = if output == "json" {
+                build_cmd(&moto, &proxy.endpoint(), &r, &vm.host, vm.port, &manifest)
+            } else {
+                // build_cmd asks for JSON; the same command in text.
+                let mut c = jbake();
+                moto.apply_env(&mut c);
+                c.args(["build", &r.display().to_string(), "--region", REGION])
+                    .args(["--endpoint-url", &proxy.endpoint()])
+                    .args(["--ssh-host", &vm.host, "--ssh-port", &vm.port.to_string()])
+                    .args(["--ssh-cidr", "127.0.0.1/32", "--connect-timeout", "60s"])
+                    .args(["--manifest", &manifest.display().to_string()]);
+                c
+            };
+            c.env("JBAKE_LOG", "debug");
+            let out = run_cmd(c, &["--var-file", &vars_arg, "--force"]);
+            out.assert_code(if fail { 1 } else { 0 });
+            checked += check(&format!("build ({output}, failing: {fail})"), &out, &needles);
+            if output == "json" {
+                crate::build::assert_nothing_left(&moto, &build_id_of(&out));
+            }
         }
+        drop(cloud);
+        let manifest_text = std::fs::read_to_string(&manifest).expect("manifest");
+        assert_no_secret("the manifest", &manifest_text, &needles);
+        checked += manifest_text.len();
+        let resources = format!("{:?}", moto.resources(REGION));
+        assert_no_secret("the image's tags", &resources, &needles);
+        // The scripts (with their `export S=…`) lived in /run, a tmpfs: never on the disk;
+        // and the root shell removed them.
+        assert_eq!(vm.exec_ok("findmnt -n -o FSTYPE --target /run"), "tmpfs");
+        assert_eq!(
+            vm.exec_ok("ls -d /run/.jbake.* /tmp/.jbake.* 2>/dev/null || true"),
+            ""
+        );
+        // The image's file system, archived like an AMI.
+        let mut vm = vm;
+        vm.stop();
+        let archive = work.path().join("image.tar.zst");
+        vm.snapshot(&archive);
+        vm.down();
+        for n in &needles {
+            let hits = Command::new("sh")
+                .arg("-c")
+                .arg("zstd -dc \"$1\" | grep -a -c -F -e \"$2\" || true")
+                .args(["sh", &archive.display().to_string(), n])
+                .output()
+                .expect("grep the image");
+            assert_eq!(
+                String::from_utf8_lossy(&hits.stdout).trim(),
+                "0",
+                "a secret is in the image's file system: {n:?}"
+            );
+        }
+        eprintln!(
+            "the image's file system ({} MB) holds none of the {} secret strings",
+            std::fs::metadata(&archive).map(|m| m.len() / 1_000_000).unwrap_or(0),
+            needles.len()
+        );
     }
-    let manifest_text = std::fs::read_to_string(&manifest).expect("manifest");
-    assert_no_secret("the manifest", &manifest_text, &needles);
-    checked += manifest_text.len();
-    // Tags and descriptions of what the builds made (moto's view of the image).
-    let resources = format!("{:?}", moto.resources(REGION));
-    assert_no_secret("the image's tags", &resources, &needles);
+    drop((proxy, moto));
 
     // roll, with Jenkins credentials of every shape in SSM (user:token): a dry run in JSON,
     // a roll, and one whose Jenkins cannot be reached.
@@ -602,50 +640,6 @@ fn security_secrets_never_leak_through_apply_build_and_roll() {
         checked += check(&format!("roll {args:?}"), &out, &needles);
     }
 
-    // The image's file system: a build on a real Debian (nspawn), archived like an AMI.
-    if prereq::instance_tier() {
-        let vm = Instance::builder("sec-secrets").up();
-        let cloud = CloudInit::for_instance(&moto, &vm);
-        let dir = work.path().join("build-image");
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        let r = build_recipe(&dir, &vm.user, &secret_steps(&secrets, false));
-        proxy.set(crate::support::bake::BOOTING);
-        let c = build_cmd(&moto, &proxy.endpoint(), &r, &vm.host, vm.port, &manifest);
-        let out = run_cmd(c, &["--var-file", &vars_arg, "--force"]);
-        out.assert_code(0);
-        checked += check("build on an instance", &out, &needles);
-        drop(cloud);
-        // The scripts (with their `export S=…`) lived in /run, a tmpfs: never on the disk;
-        // and the root shell removed them.
-        assert_eq!(vm.exec_ok("findmnt -n -o FSTYPE --target /run"), "tmpfs");
-        assert_eq!(
-            vm.exec_ok("ls -d /run/.jbake.* /tmp/.jbake.* 2>/dev/null || true"),
-            ""
-        );
-        let mut vm = vm;
-        vm.stop();
-        let archive = work.path().join("image.tar.zst");
-        vm.snapshot(&archive);
-        vm.down();
-        for n in &needles {
-            let hits = Command::new("sh")
-                .arg("-c")
-                .arg("zstd -dc \"$1\" | grep -a -c -F -e \"$2\" || true")
-                .args(["sh", &archive.display().to_string(), n])
-                .output()
-                .expect("grep the image");
-            assert_eq!(
-                String::from_utf8_lossy(&hits.stdout).trim(),
-                "0",
-                "a secret is in the image's file system: {n:?}"
-            );
-        }
-        eprintln!(
-            "the image's file system ({} MB) holds none of the {} secret strings",
-            std::fs::metadata(&archive).map(|m| m.len() / 1_000_000).unwrap_or(0),
-            needles.len()
-        );
-    }
     eprintln!(
         "secrets: {} bytes of output and manifest checked for {} strings in {:.1?}",
         checked,
