@@ -451,12 +451,10 @@ fn iam_roll_policy_rolls_and_shows_status_and_a_missing_action_changes_nothing()
     let mut f = roll::fixture("1");
     let policy = policy_text(ROLL_POLICY);
     let (key, secret) = f.moto.iam_user(&for_moto(&policy));
-    let (no_lt_key, no_lt_secret) = f
-        .moto
-        .iam_user(&for_moto(&policy_without(
-            &policy,
-            "ec2:CreateLaunchTemplateVersion",
-        )));
+    let (no_lt_key, no_lt_secret) = f.moto.iam_user(&for_moto(&policy_without(
+        &policy,
+        "ec2:CreateLaunchTemplateVersion",
+    )));
     f.moto.enable_iam_auth();
     f.env = f.moto.harness_env();
     let cmd = |key: &str, secret: &str, args: &[&str]| {
@@ -562,21 +560,30 @@ fn iam_roll_policy_rolls_and_shows_status_and_a_missing_action_changes_nothing()
 // ---------------------------------------------------------------------------------------------
 // The documents themselves: what moto cannot check (resources and conditions).
 
-/// The policies of the instances jbake's images run on (not jbake's own credentials).
+/// The policies of the instances jbake's images run on, not of jbake's own credentials: in a
+/// folder of their own, so that what reads `iam/*.json` as jbake's operator policies
+/// (terraform/modules/iam) does not give them to operators.
 const INSTANCE_POLICIES: [&str; 2] = [
-    "iam/jbake-controller-instance-policy.json",
-    "iam/jbake-agent-instance-policy.json",
+    "iam/instance-roles/jbake-controller.json",
+    "iam/instance-roles/jbake-agent.json",
 ];
 
-/// Every `iam/*.json`, sorted.
-fn policy_files() -> Vec<String> {
-    let mut files: Vec<String> = std::fs::read_dir(cli::root().join("iam"))
-        .expect("read iam/")
+/// The `*.json` files of a folder of the repository, sorted.
+fn json_files(folder: &str) -> Vec<String> {
+    let mut files: Vec<String> = std::fs::read_dir(cli::root().join(folder))
+        .unwrap_or_else(|e| panic!("read {folder}/: {e}"))
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .filter(|n| n.ends_with(".json"))
-        .map(|n| format!("iam/{n}"))
+        .map(|n| format!("{folder}/{n}"))
         .collect();
     files.sort();
+    files
+}
+
+/// Every policy: `iam/*.json` (jbake's own credentials) and `iam/instance-roles/*.json`.
+fn policy_files() -> Vec<String> {
+    let mut files = json_files("iam");
+    files.extend(json_files("iam/instance-roles"));
     files
 }
 
@@ -652,7 +659,7 @@ fn iam_policies_are_scoped_by_resource_and_condition() {
     // An authorization failure names the jbake policy that allows the action (src/aws/mod.rs
     // embeds them by file name): every policy for jbake's own credentials is listed there.
     let aws_mod = std::fs::read_to_string(cli::root().join("src/aws/mod.rs")).expect("aws/mod.rs");
-    for f in files.iter().filter(|f| !INSTANCE_POLICIES.contains(&f.as_str())) {
+    for f in json_files("iam") {
         assert!(
             aws_mod.contains(&format!("\"{f}\"")),
             "{f} is not in src/aws/mod.rs's POLICIES"
@@ -664,7 +671,9 @@ fn iam_policies_are_scoped_by_resource_and_condition() {
         let statements = doc["Statement"].as_array().expect("statements");
         let mut sids = BTreeSet::new();
         for st in statements {
-            let sid = st["Sid"].as_str().unwrap_or_else(|| panic!("{file}: a statement without Sid"));
+            let sid = st["Sid"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{file}: a statement without Sid"));
             assert!(sids.insert(sid.to_string()), "{file}: Sid {sid} twice");
             let at = format!("{file} {sid}");
             let actions = strings(&st["Action"]);
@@ -674,7 +683,10 @@ fn iam_policies_are_scoped_by_resource_and_condition() {
                 st.get("NotAction").is_none() && st.get("NotResource").is_none(),
                 "{at}"
             );
-            assert!(actions.iter().all(|a| !a.contains('*')), "{at}: wildcard action");
+            assert!(
+                actions.iter().all(|a| !a.contains('*')),
+                "{at}: wildcard action"
+            );
             if st["Effect"] == "Deny" {
                 continue;
             }
@@ -714,17 +726,17 @@ fn iam_policies_are_scoped_by_resource_and_condition() {
                     let at_creation = conditions(st)
                         .iter()
                         .any(|(o, k, _)| o == "StringEquals" && k == "ec2:CreateAction");
-                    let own_and_jbake_keys = has_condition(
-                        st,
-                        "Null",
-                        "aws:ResourceTag/jbake:build-id",
-                        "false",
-                    ) && conditions(st).iter().any(|(o, k, v)| {
-                        o == "ForAllValues:StringEquals"
-                            && k == "aws:TagKeys"
-                            && v.iter().all(|t| t.starts_with("jbake:"))
-                    });
-                    assert!(at_creation || own_and_jbake_keys, "{at}: CreateTags anywhere");
+                    let own_and_jbake_keys =
+                        has_condition(st, "Null", "aws:ResourceTag/jbake:build-id", "false")
+                            && conditions(st).iter().any(|(o, k, v)| {
+                                o == "ForAllValues:StringEquals"
+                                    && k == "aws:TagKeys"
+                                    && v.iter().all(|t| t.starts_with("jbake:"))
+                            });
+                    assert!(
+                        at_creation || own_and_jbake_keys,
+                        "{at}: CreateTags anywhere"
+                    );
                 }
                 // A resource made by the build carries the build's tag from its creation on.
                 let creates = [
@@ -738,12 +750,8 @@ fn iam_policies_are_scoped_by_resource_and_condition() {
                 ];
                 for (act, kind) in creates {
                     if action == act && resources.iter().any(|r| r.contains(&format!(":{kind}"))) {
-                        let tagged_request = has_condition(
-                            st,
-                            "Null",
-                            "aws:RequestTag/jbake:build-id",
-                            "false",
-                        );
+                        let tagged_request =
+                            has_condition(st, "Null", "aws:RequestTag/jbake:build-id", "false");
                         let from_template = conditions(st)
                             .iter()
                             .any(|(o, k, _)| o == "ArnLike" && k == "ec2:LaunchTemplate");
@@ -765,13 +773,25 @@ fn iam_policies_are_scoped_by_resource_and_condition() {
         .find(|s| s["Effect"] == "Deny")
         .expect("a Deny statement in the build policy");
     assert_eq!(strings(&deny["Action"]), ["ec2:CreateTags"]);
-    assert!(has_condition(deny, "ForAnyValue:StringLike", "aws:TagKeys", "jbake:*"));
+    assert!(has_condition(
+        deny,
+        "ForAnyValue:StringLike",
+        "aws:TagKeys",
+        "jbake:*"
+    ));
     assert!(has_condition(deny, "Null", "ec2:CreateAction", "true"));
-    assert!(has_condition(deny, "Null", "aws:ResourceTag/jbake:build-id", "true"));
+    assert!(has_condition(
+        deny,
+        "Null",
+        "aws:ResourceTag/jbake:build-id",
+        "true"
+    ));
     // The build reads public parameters only (the base image), never a secret.
     let build_ssm: Vec<String> = statements_with(&build, "ssm:GetParameter");
     assert!(
-        build_ssm.iter().all(|r| r.contains(":parameter/aws/service/")),
+        build_ssm
+            .iter()
+            .all(|r| r.contains(":parameter/aws/service/")),
         "{build_ssm:?}"
     );
 
@@ -783,12 +803,25 @@ fn iam_policies_are_scoped_by_resource_and_condition() {
             .iter()
             .any(|a| a == "ec2:CreateLaunchTemplateVersion" || a == "ec2:ModifyLaunchTemplate");
         if lt_write {
-            assert_eq!(strings(&st["Resource"]), ["arn:aws:ec2:*:*:launch-template/*"]);
-            assert!(has_condition(st, "StringEquals", "aws:ResourceTag/jbake:role", "controller"));
+            assert_eq!(
+                strings(&st["Resource"]),
+                ["arn:aws:ec2:*:*:launch-template/*"]
+            );
+            assert!(has_condition(
+                st,
+                "StringEquals",
+                "aws:ResourceTag/jbake:role",
+                "controller"
+            ));
         }
         if actions.iter().any(|a| a == "ec2:RunInstances") {
             let on_template = strings(&st["Resource"]) == ["arn:aws:ec2:*:*:launch-template/*"]
-                && has_condition(st, "StringEquals", "aws:ResourceTag/jbake:role", "controller");
+                && has_condition(
+                    st,
+                    "StringEquals",
+                    "aws:ResourceTag/jbake:role",
+                    "controller",
+                );
             let from_template = conditions(st)
                 .iter()
                 .any(|(o, k, _)| o == "ArnLike" && k == "ec2:LaunchTemplate");
@@ -804,8 +837,7 @@ fn iam_policies_are_scoped_by_resource_and_condition() {
         "the agents read the controller's public key only, never the private key"
     );
     assert_eq!(policy_actions(&agent.to_string()).len(), 1);
-    let controller: Value =
-        serde_json::from_str(&policy_text(INSTANCE_POLICIES[0])).expect("JSON");
+    let controller: Value = serde_json::from_str(&policy_text(INSTANCE_POLICIES[0])).expect("JSON");
     assert_eq!(
         statements_with(&controller, "ssm:GetParameter"),
         ["arn:aws:ssm:*:*:parameter/devops-tools/jenkins/id_rsa"]
@@ -861,7 +893,10 @@ fn iam_policies_pass_parliament() {
             String::from_utf8_lossy(&out.stderr)
         );
         let doc: Value = serde_json::from_str(&text).expect("JSON");
-        for line in String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.is_empty()) {
+        for line in String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+        {
             findings += 1;
             let f: Value = serde_json::from_str(line).expect("a parliament finding");
             let ok = f["issue"] == "RESOURCE_MISMATCH"
@@ -879,7 +914,10 @@ fn iam_policies_pass_parliament() {
                             .any(|r| r.ends_with(&format!(":{kind}")))
                     })
                 });
-            let what = format!("{file}:{}: {} {}", f["location"]["line"], f["issue"], f["detail"]);
+            let what = format!(
+                "{file}:{}: {} {}",
+                f["location"]["line"], f["issue"], f["detail"]
+            );
             if ok {
                 justified.push(what);
             } else {
