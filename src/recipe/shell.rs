@@ -200,11 +200,7 @@ pub(crate) fn check_placement(source: &str) -> Result<(), Misplaced> {
                         word_start = true;
                         continue;
                     }
-                    b'\n' => {
-                        if !pending.is_empty() {
-                            heredoc = Some(pending.remove(0));
-                        }
-                    }
+                    b'\n' if !pending.is_empty() => heredoc = Some(pending.remove(0)),
                     _ => {}
                 }
                 word_start = matches!(
@@ -296,11 +292,10 @@ pub(crate) fn check_placement(source: &str) -> Result<(), Misplaced> {
 }
 
 fn set_parens(stack: &mut [Ctx], n: u32) {
-    if let Some(top) = stack.last_mut() {
-        match top {
-            Ctx::Normal { parens } | Ctx::Subst { parens } | Ctx::Arith { parens } => *parens = n,
-            _ => {}
-        }
+    if let Some(Ctx::Normal { parens } | Ctx::Subst { parens } | Ctx::Arith { parens }) =
+        stack.last_mut()
+    {
+        *parens = n;
     }
 }
 

@@ -394,36 +394,37 @@ impl Builder {
                     items.push(node);
                 }
             }
-            Some(Frame::Map(map, _, total, pending)) => match {
+            Some(Frame::Map(map, _, total, pending)) => {
                 total.add(size);
-                pending.take()
-            } {
-                None => {
-                    if let Value::Map(entries) = &map.value {
-                        if let Some((first, _)) =
-                            entries.iter().find(|(k, _)| k.value == node.value)
-                        {
-                            let what = match &node.value {
-                                Value::Str(s) => format!("'{s}'"),
-                                _ => format!("'{}'", node.raw),
-                            };
-                            return Err(node.err(
-                                "",
-                                format!(
-                                    "duplicate key {what} (first written at line {})",
-                                    first.line
-                                ),
-                            ));
+                let key = pending.take();
+                match key {
+                    None => {
+                        if let Value::Map(entries) = &map.value {
+                            if let Some((first, _)) =
+                                entries.iter().find(|(k, _)| k.value == node.value)
+                            {
+                                let what = match &node.value {
+                                    Value::Str(s) => format!("'{s}'"),
+                                    _ => format!("'{}'", node.raw),
+                                };
+                                return Err(node.err(
+                                    "",
+                                    format!(
+                                        "duplicate key {what} (first written at line {})",
+                                        first.line
+                                    ),
+                                ));
+                            }
+                        }
+                        *pending = Some(node);
+                    }
+                    Some(key) => {
+                        if let Value::Map(entries) = &mut map.value {
+                            entries.push((key, node));
                         }
                     }
-                    *pending = Some(node);
                 }
-                Some(key) => {
-                    if let Value::Map(entries) = &mut map.value {
-                        entries.push((key, node));
-                    }
-                }
-            },
+            }
         }
         Ok(())
     }
