@@ -7,6 +7,7 @@
 # the NFS rule exist: a controller launched from the image finds its file system reachable.
 
 resource "aws_efs_file_system" "this" {
+  #checkov:skip=CKV2_AWS_18:the backup module selects it by ARN (aws_backup_selection.jenkins_home, resources = [var.efs_arn]); checkov does not follow the ARN through the module variable. terraform/tests/check_modules.py asserts the selection
   creation_token   = "${var.name}-jenkins-home"
   encrypted        = true
   kms_key_id       = var.kms_key_arn

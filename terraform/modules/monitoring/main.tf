@@ -260,6 +260,7 @@ resource "aws_cloudwatch_metric_alarm" "efs_throughput" {
 # The agent reads its configuration from these parameters (amazon-cloudwatch-agent-ctl -a
 # fetch-config -c ssm:<name>); each instance role may read its own (iam module).
 resource "aws_ssm_parameter" "cloudwatch_agent" {
+  #checkov:skip=CKV2_AWS_34:the CloudWatch agent configuration holds no secret (log group names, metric names), and the agent reads it as a String
   for_each = {
     controller = {
       "/jbake/${var.name}/controller/jenkins" = "jenkins.service"
