@@ -11,4 +11,5 @@ mod harness_aws;
 mod iam;
 mod images;
 mod roll;
+mod terraform;
 mod validate;
