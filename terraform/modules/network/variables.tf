@@ -34,9 +34,9 @@ variable "single_nat_gateway" {
 }
 
 variable "interface_endpoints" {
-  description = "Interface VPC endpoints for the private instances: Session Manager and the SSM parameters (ssm, ssmmessages, ec2messages), CloudWatch Logs (logs) and metrics (monitoring). Empty: none (the traffic goes through the NAT gateway)."
+  description = "Interface VPC endpoints for the private instances, one per private subnet each (billed per endpoint and AZ: see terraform/README.md): the SSM parameters and Session Manager (ssm, ssmmessages, ec2messages); add logs and monitoring for the CloudWatch agent. Empty: none (the traffic goes through the NAT gateway)."
   type        = list(string)
-  default     = ["ssm", "ssmmessages", "ec2messages", "logs", "monitoring"]
+  default     = ["ssm", "ssmmessages", "ec2messages"]
 }
 
 variable "flow_log_retention_days" {
