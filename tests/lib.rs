@@ -10,5 +10,6 @@ mod harness;
 mod harness_aws;
 mod iam;
 mod images;
+mod install;
 mod roll;
 mod validate;
