@@ -11,5 +11,6 @@ pub mod manifest;
 pub mod progress;
 pub mod recipe;
 pub mod roll;
+pub mod shipped;
 pub mod ssh;
 pub mod util;

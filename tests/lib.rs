@@ -10,6 +10,7 @@ mod harness;
 mod harness_aws;
 mod iam;
 mod images;
+mod install;
 mod roll;
 mod terraform;
 mod validate;
