@@ -12,4 +12,5 @@ mod iam;
 mod images;
 mod install;
 mod roll;
+mod terraform;
 mod validate;
