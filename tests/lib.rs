@@ -11,5 +11,6 @@ mod harness_aws;
 mod iam;
 mod images;
 mod install;
+mod prune;
 mod roll;
 mod validate;
