@@ -9,6 +9,7 @@ pub mod exec;
 pub mod gc;
 pub mod manifest;
 pub mod progress;
+pub mod prune;
 pub mod recipe;
 pub mod roll;
 pub mod shipped;

@@ -30,7 +30,7 @@ pub struct AwsArgs {
 }
 
 impl AwsArgs {
-    fn options(&self) -> AwsOptions {
+    pub(crate) fn options(&self) -> AwsOptions {
         AwsOptions {
             region: self.region.clone(),
             profile: self.profile.clone(),

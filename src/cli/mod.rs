@@ -3,6 +3,7 @@
 
 mod build;
 mod meta;
+mod prune;
 mod roll;
 
 use std::path::{Path, PathBuf};
@@ -56,6 +57,8 @@ pub enum Command {
     Roll(roll::RollArgs),
     /// Show the controller's group, instances, launch template versions and target health.
     Status(roll::StatusArgs),
+    /// Remove old images jbake made (and their snapshots): never one in use, never the newest N.
+    Prune(prune::PruneArgs),
     /// The recipes built into jbake: list them, or write them out to customise.
     #[command(subcommand)]
     Recipes(meta::RecipesCommand),
@@ -244,6 +247,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Gc(args) => build::gc_cmd(args, cli.output, cli.quiet).await,
         Command::Roll(args) => roll::roll_cmd(args, cli.output, cli.quiet).await,
         Command::Status(args) => roll::status_cmd(args, cli.output, cli.quiet).await,
+        Command::Prune(args) => prune::prune_cmd(args, cli.output, cli.quiet).await,
         Command::Recipes(cmd) => meta::recipes_cmd(cmd, cli.output),
         Command::Completions(args) => meta::completions_cmd(args),
         Command::Man(args) => meta::man_cmd(args),
