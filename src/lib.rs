@@ -7,6 +7,7 @@ pub mod build;
 pub mod cli;
 pub mod exec;
 pub mod gc;
+pub mod keys;
 pub mod manifest;
 pub mod progress;
 pub mod prune;

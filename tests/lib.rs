@@ -11,6 +11,7 @@ mod harness_aws;
 mod iam;
 mod images;
 mod install;
+mod keys;
 mod prune;
 mod roll;
 mod terraform;

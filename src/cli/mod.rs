@@ -2,6 +2,7 @@
 //! into exit codes: 1 runtime failure, 2 bad input (always before any connection), 130 interrupted.
 
 mod build;
+mod keys;
 mod meta;
 mod prune;
 mod roll;
@@ -57,6 +58,8 @@ pub enum Command {
     Roll(roll::RollArgs),
     /// Show the controller's group, instances, launch template versions and target health.
     Status(roll::StatusArgs),
+    /// The controller→agents SSH key pair in SSM: init, rotate without downtime, finish, show.
+    Keys(keys::KeysArgs),
     /// Remove old images jbake made (and their snapshots): never one in use, never the newest N.
     Prune(prune::PruneArgs),
     /// The recipes built into jbake: list them, or write them out to customise.
@@ -247,6 +250,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Gc(args) => build::gc_cmd(args, cli.output, cli.quiet).await,
         Command::Roll(args) => roll::roll_cmd(args, cli.output, cli.quiet).await,
         Command::Status(args) => roll::status_cmd(args, cli.output, cli.quiet).await,
+        Command::Keys(args) => keys::keys_cmd(args, cli.output, cli.quiet).await,
         Command::Prune(args) => prune::prune_cmd(args, cli.output, cli.quiet).await,
         Command::Recipes(cmd) => meta::recipes_cmd(cmd, cli.output),
         Command::Completions(args) => meta::completions_cmd(args),
