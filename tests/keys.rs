@@ -106,7 +106,7 @@ fn keys_init_rotate_finish_keep_the_private_key_in_ssm_only() {
     let s = state(&moto);
     assert_eq!(s["phase"], "steady");
     let first = s["controller"]["fingerprint"].as_str().unwrap().to_string();
-    assert_eq!(fingerprints(&s, "accepted"), [first.clone()]);
+    assert_eq!(fingerprints(&s, "accepted"), [first.as_str()]);
     runs.push(init);
 
     // Never twice: the existing key pair is not replaced by accident.
@@ -153,7 +153,7 @@ fn keys_init_rotate_finish_keep_the_private_key_in_ssm_only() {
     finish.assert_code(0);
     let s = state(&moto);
     assert_eq!(s["phase"], "steady");
-    assert_eq!(fingerprints(&s, "accepted"), [second.clone()]);
+    assert_eq!(fingerprints(&s, "accepted"), [second.as_str()]);
     runs.push(finish);
     let noop = keys(&moto, &["finish", "--controller-sync", "0s"]);
     noop.assert_code(0);
