@@ -42,6 +42,8 @@ use crate::support::sshd::{self, Sshd};
 
 const BUILD_POLICY: &str = "iam/jbake-build-policy.json";
 const ROLL_POLICY: &str = "iam/jbake-roll-policy.json";
+const KEYS_POLICY: &str = "iam/jbake-keys-policy.json";
+const PRUNE_POLICY: &str = "iam/jbake-prune-policy.json";
 
 fn policy_text(file: &str) -> String {
     std::fs::read_to_string(cli::root().join(file)).unwrap_or_else(|e| panic!("read {file}: {e}"))
@@ -50,7 +52,7 @@ fn policy_text(file: &str) -> String {
 /// The policy as moto can enforce it: every Allow statement on resource `*` (moto matches only
 /// `*`; its conditions stay, moto ignores them), no Deny statement (moto would ignore its
 /// conditions and deny everything it names).
-fn for_moto(text: &str) -> String {
+pub(crate) fn for_moto(text: &str) -> String {
     let mut doc: Value = serde_json::from_str(text).expect("the policy is JSON");
     let statements = doc["Statement"].as_array_mut().expect("statements");
     statements.retain(|s| s["Effect"] == "Allow");
@@ -558,6 +560,94 @@ fn iam_roll_policy_rolls_and_shows_status_and_a_missing_action_changes_nothing()
 }
 
 // ---------------------------------------------------------------------------------------------
+// jbake prune and jbake keys.
+
+/// The IAM action of an API action jbake calls (the service by the operation's name).
+fn action_of(api: &str) -> String {
+    let service = match api {
+        "DescribeLaunchConfigurations" => "autoscaling",
+        "GetParameter" | "PutParameter" | "DeleteParameter" | "AddTagsToResource" => "ssm",
+        _ => return iam_action(api),
+    };
+    format!("{service}:{api}")
+}
+
+#[test]
+fn iam_prune_and_keys_policies_run_their_commands() {
+    if !prereq::moto() {
+        return;
+    }
+    let moto = Moto::start();
+    for d in 1..=3 {
+        let version = format!("2026.11.0{d}-1");
+        moto.create_image_fixture(
+            &format!("jenkins-agent-{version}"),
+            &[
+                ("jbake:recipe", "jenkins-agent"),
+                ("jbake:build-id", &format!("b-{d}")),
+                ("jbake:version", &version),
+                ("jbake:complete", "true"),
+            ],
+        );
+    }
+    let prune_policy = policy_text(PRUNE_POLICY);
+    let keys_policy = policy_text(KEYS_POLICY);
+    let (prune_key, prune_secret) = moto.iam_user(&for_moto(&prune_policy));
+    let (keys_key, keys_secret) = moto.iam_user(&for_moto(&keys_policy));
+    moto.enable_iam_auth();
+    let run = |key: &str, secret: &str, args: &[&str]| {
+        let mut c = cli::jbake();
+        moto.apply_env(&mut c);
+        c.envs(moto.env_with(&moto.endpoint(), key, secret));
+        c.args(args).args(["--region", REGION]);
+        Run::from_output(c.output().expect("run jbake"))
+    };
+
+    // prune, as the prune policy's user: the oldest two images and their snapshots go.
+    moto.start_recording();
+    let out = run(&prune_key, &prune_secret, &["prune", "--keep", "1"]);
+    moto.stop_recording();
+    out.assert_code(0);
+    let used = iam_actions(&moto.recorded_actions())
+        .into_iter()
+        .map(|a| action_of(a.split(':').nth(1).unwrap_or_default()))
+        .collect::<BTreeSet<String>>();
+    let left = moto
+        .resources(REGION)
+        .images
+        .iter()
+        .filter(|i| i.state.as_deref() == Some("available"))
+        .count();
+    assert_eq!(left, 1, "{}", out.stdout);
+    let mut expected = policy_actions(&prune_policy);
+    // No launch template here (so no versions to read, nor one naming an image through SSM);
+    // tests/prune.rs has them, without IAM enforcement.
+    assert!(expected.remove("ssm:GetParameter"));
+    assert!(expected.remove("ec2:DescribeLaunchTemplateVersions"));
+    assert_eq!(used, expected, "the prune policy and what prune called differ");
+
+    // keys: init, a rotation, its end, as the keys policy's user.
+    moto.start_recording();
+    for args in [
+        vec!["keys", "init"],
+        vec!["keys", "rotate", "--agent-sync", "0s"],
+        vec!["keys", "finish", "--controller-sync", "0s"],
+        vec!["keys", "show"],
+    ] {
+        run(&keys_key, &keys_secret, &args).assert_code(0);
+    }
+    moto.stop_recording();
+    let used = iam_actions(&moto.recorded_actions())
+        .into_iter()
+        .map(|a| action_of(a.split(':').nth(1).unwrap_or_default()))
+        .collect::<BTreeSet<String>>();
+    let mut expected = policy_actions(&keys_policy);
+    // AWS checks it when PutParameter carries tags; moto checks only the call's own action.
+    assert!(expected.remove("ssm:AddTagsToResource"));
+    assert_eq!(used, expected, "the keys policy and what keys called differ");
+}
+
+// ---------------------------------------------------------------------------------------------
 // The documents themselves: what moto cannot check (resources and conditions).
 
 /// The policies of the instances jbake's images run on, not of jbake's own credentials: in a
@@ -650,7 +740,7 @@ fn is_destructive(action: &str) -> bool {
 #[test]
 fn iam_policies_are_scoped_by_resource_and_condition() {
     let files = policy_files();
-    for want in [BUILD_POLICY, ROLL_POLICY]
+    for want in [BUILD_POLICY, ROLL_POLICY, KEYS_POLICY, PRUNE_POLICY]
         .iter()
         .chain(INSTANCE_POLICIES.iter())
     {
