@@ -624,7 +624,10 @@ fn iam_prune_and_keys_policies_run_their_commands() {
     // tests/prune.rs has them, without IAM enforcement.
     assert!(expected.remove("ssm:GetParameter"));
     assert!(expected.remove("ec2:DescribeLaunchTemplateVersions"));
-    assert_eq!(used, expected, "the prune policy and what prune called differ");
+    assert_eq!(
+        used, expected,
+        "the prune policy and what prune called differ"
+    );
 
     // keys: init, a rotation, its end, as the keys policy's user.
     moto.start_recording();
@@ -644,7 +647,10 @@ fn iam_prune_and_keys_policies_run_their_commands() {
     let mut expected = policy_actions(&keys_policy);
     // AWS checks it when PutParameter carries tags; moto checks only the call's own action.
     assert!(expected.remove("ssm:AddTagsToResource"));
-    assert_eq!(used, expected, "the keys policy and what keys called differ");
+    assert_eq!(
+        used, expected,
+        "the keys policy and what keys called differ"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
