@@ -217,7 +217,8 @@ fn rebuild_with_a_wrong_checksum(
     bad.assert_code(1);
     assert!(
         bad.stderr
-            .contains("step 6 'Jenkins 2.479.3 war, SHA-256 verified' (recipes/controller.yaml:")
+            .contains("step 6 'Jenkins 2.479.3 war, SHA-256 verified' (")
+            && bad.stderr.contains("recipes/controller.yaml:")
             && bad.stderr.contains(") exited 1 (attempt 3 of 3) on i-"),
         "{}",
         bad.stderr
