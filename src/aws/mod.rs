@@ -7,6 +7,7 @@ pub mod ec2;
 pub mod elb;
 pub mod instances;
 pub mod launch_template;
+pub mod usage;
 pub mod wait;
 
 use std::time::Duration;
@@ -38,6 +39,8 @@ pub struct Aws {
     pub elb: Elb,
     pub lt: LaunchTemplates,
     pub instances: Instances,
+    /// What uses an image (`jbake prune`).
+    pub usage: usage::ImageUsage,
     pub region: String,
 }
 
@@ -69,6 +72,12 @@ impl Aws {
             ),
             lt: LaunchTemplates::new(aws_sdk_ec2::Client::new(&conf), &opts.region),
             instances: Instances::new(aws_sdk_ec2::Client::new(&conf), &opts.region),
+            usage: usage::ImageUsage::new(
+                aws_sdk_ec2::Client::new(&conf),
+                aws_sdk_autoscaling::Client::new(&conf),
+                aws_sdk_ssm::Client::new(&conf),
+                &opts.region,
+            ),
             region: opts.region.clone(),
         }
     }
@@ -89,10 +98,18 @@ pub struct Error {
 
 /// The policies jbake ships, by file name: an authorization failure says which of them allow
 /// the refused action.
-const POLICIES: [(&str, &str); 2] = [
+const POLICIES: [(&str, &str); 4] = [
     (
         "iam/jbake-build-policy.json",
         include_str!("../../iam/jbake-build-policy.json"),
+    ),
+    (
+        "iam/jbake-keys-policy.json",
+        include_str!("../../iam/jbake-keys-policy.json"),
+    ),
+    (
+        "iam/jbake-prune-policy.json",
+        include_str!("../../iam/jbake-prune-policy.json"),
     ),
     (
         "iam/jbake-roll-policy.json",

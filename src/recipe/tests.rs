@@ -219,7 +219,7 @@ fn builtins_and_placeholders() {
     assert_eq!(
         plan.steps[0].action,
         Action::Run {
-            script: "echo hello from <<base_ami>>".into()
+            script: "echo hello from '<<base_ami>>'".into()
         }
     );
     let mut o = opts(&[]);
@@ -411,4 +411,24 @@ fn tags_are_rendered_sorted_and_shown() {
     let text = format_plan(&plan);
     assert!(text.contains("image tags:"), "{text}");
     assert!(text.contains("jbake:efs-id = \"fs-01234567\""), "{text}");
+}
+
+#[test]
+fn when_accepts_yaml_booleans() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.yaml");
+    std::fs::write(
+        &path,
+        "version: 1\nname: r\nbase: { ami: ami-0123456789abcdef0, ssh_user: admin }\n\
+         steps:\n  - name: off\n    when: false\n    run: \"true\"\n\
+         \x20 - name: on\n    when: true\n    run: \"true\"\n",
+    )
+    .unwrap();
+    let plan = load(&path, &LoadOptions::default()).unwrap();
+    let whens: Vec<bool> = plan
+        .steps
+        .iter()
+        .map(|s| s.when.as_ref().unwrap().1)
+        .collect();
+    assert_eq!(whens, [false, true]);
 }
