@@ -671,6 +671,33 @@ fn run_hook(world: &World, call: &str, count: usize) {
     }
 }
 
+/// The controllers' world for another test's moto fixture (tests/terraform.rs): `instance`
+/// serves from `ami` and holds the lease; every image of `images` answers as Jenkins `version`.
+/// Jenkins' URL (the load balancer) is `world.url()`.
+pub(crate) fn world_for(
+    moto: &Moto,
+    instance: &str,
+    ami: &str,
+    images: &[&str],
+    version: &str,
+) -> World {
+    let world = World::start();
+    for image in images {
+        world.image(image, ImageModel::new(version));
+    }
+    world.serving(instance, ami);
+    let (status, _) = crate::support::moto::http(
+        moto.port(),
+        "POST",
+        "/jbake-test/world",
+        "text/plain",
+        &world.url(),
+    )
+    .expect("tell moto where the world is");
+    assert_eq!(status, 200, "moto_server.py has no world endpoint");
+    world
+}
+
 // ------------------------------------------------------------------ moto fixture
 
 pub(crate) struct Fixture {
