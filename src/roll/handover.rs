@@ -133,7 +133,7 @@ pub async fn run(ctx: &Ctx<'_>) -> Result<Rolled, Error> {
                 "verification failed: {why}; rolling back to {old} ({})",
                 plan.current.id
             ));
-            let restored = steps::put_back(ctx, "verification failed").await;
+            let restored = steps::put_back(ctx).await;
             return Err(Error::RolledBack {
                 new_ami: plan.new.id.clone(),
                 why,
@@ -176,7 +176,7 @@ pub async fn run(ctx: &Ctx<'_>) -> Result<Rolled, Error> {
         "finishing",
         &format!("terminating {old}, lowering the desired capacity of group {group}"),
     );
-    let restored = steps::put_back(ctx, "finished").await;
+    let restored = steps::put_back(ctx).await;
     if !restored.failed.is_empty() {
         return Err(Error::RolledBack {
             new_ami: plan.new.id.clone(),

@@ -405,5 +405,5 @@ pub async fn interrupted(ctx: &Ctx<'_>, what: &str) -> Restored {
         "interrupted {what}: putting group {} back as it was",
         ctx.p.plan.group
     ));
-    steps::put_back(ctx, "interrupted").await
+    steps::put_back(ctx).await
 }

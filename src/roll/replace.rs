@@ -104,7 +104,7 @@ pub async fn run(ctx: &Ctx<'_>) -> Result<Rolled, Error> {
     {
         Ok(s) => {
             ctx.journal.update(|j| j.verified = true);
-            let restored = steps::put_back(ctx, "finished").await;
+            let restored = steps::put_back(ctx).await;
             if !restored.failed.is_empty() {
                 return Err(Error::RolledBack {
                     new_ami: plan.new.id.clone(),

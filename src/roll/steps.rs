@@ -18,7 +18,7 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(300);
 pub async fn stop(ctx: &Ctx<'_>, why: Why) -> Error {
     ctx.progress
         .warn(&format!("{why}; putting everything back"));
-    let restored = put_back(ctx, "stopped").await;
+    let restored = put_back(ctx).await;
     Error::Stopped { why, restored }
 }
 
@@ -380,7 +380,7 @@ fn done(ctx: &Ctx<'_>, r: &mut Restored, what: String) {
 /// Puts back what the journal says this roll changed, from any phase. A handover whose new
 /// controller was verified is finished instead (the old instance removed). Whatever happens:
 /// the group's sizes and processes as they were.
-pub async fn put_back(ctx: &Ctx<'_>, _why: &str) -> Restored {
+pub async fn put_back(ctx: &Ctx<'_>) -> Restored {
     let mut restored = Restored::default();
     let r = &mut restored;
     let p = ctx.p;
@@ -618,7 +618,11 @@ fn state_sentence(ctx: &Ctx<'_>, forward: bool, r: &Restored) -> String {
             "the new controller serves and {} was removed; group {group} is at {}{}",
             p.plan.instance_id,
             original_sizes(ctx),
-            if fine { "" } else { "; check it with " }.to_string() + if fine { "" } else { &status }
+            if fine {
+                String::new()
+            } else {
+                format!("; check it with {status}")
+            }
         ),
         (Strategy::Handover, false) if j.old_stopping => format!(
             "rolled back: {} serves the JENKINS_HOME again, the new instance was removed, group {group} is at {} with its processes resumed and its launch template as before{unused}{}",
