@@ -6,6 +6,7 @@ mod support;
 mod apply;
 mod apply_instance;
 mod build;
+mod handover;
 mod harness;
 mod harness_aws;
 mod iam;

@@ -348,12 +348,12 @@ fn contract_prereqs() -> bool {
 
 /// `jbake roll --yes` with Jenkins at `jenkins`, as the holder of `env`'s credentials; no
 /// `--asg`: the group is found by its tag, as in production.
-fn roll(env: &[(String, String)], jenkins: &Jenkins) -> Run {
+fn roll(env: &[(String, String)], jenkins_url: &str) -> Run {
     let mut cmd = jbake();
     with_env(&mut cmd, env);
     output(
         cmd.args(["roll", "--region", REGION, "--yes", "--jenkins-url"])
-            .arg(jenkins.url()),
+            .arg(jenkins_url),
     )
 }
 
@@ -417,8 +417,17 @@ fn terraform_contract_jbake_roll_rolls_the_modules_controller() {
     let policy = setup["operator_policy"].to_string();
     let (key, secret) = moto.iam_user(&crate::iam::for_moto(&policy));
     moto.enable_iam_auth();
-    let jenkins = Jenkins::start(setup["jenkins_version"].as_str().expect("jenkins version"));
-    let run = roll(&moto.env_with(&moto.endpoint(), &key, &secret), &jenkins);
+    // The controllers themselves (their lease, their Jenkins, the load balancer): the world of
+    // tests/roll.rs, which moto tells what it launches and asks for target health.
+    let jenkins_version = setup["jenkins_version"].as_str().expect("jenkins version");
+    let instance = setup["instance"].as_str().expect("instance");
+    let first = setup["first_image"].as_str().expect("image");
+    let new = setup["new_image"].as_str().expect("new image");
+    let jenkins = crate::roll::world_for(&moto, instance, first, &[first, new], jenkins_version);
+    let run = roll(
+        &moto.env_with(&moto.endpoint(), &key, &secret),
+        &jenkins.url(),
+    );
     run.assert_code(0);
     let new_image = setup["new_image"].as_str().expect("new image");
     assert!(
@@ -495,7 +504,7 @@ fn terraform_contract_another_role_tag_in_the_module_breaks_discovery() {
     );
     assert_eq!(setup["group_tags"]["jbake:role"], "jenkins", "{setup}");
     let jenkins = Jenkins::start(setup["jenkins_version"].as_str().expect("jenkins version"));
-    let run = roll(&moto.env(), &jenkins);
+    let run = roll(&moto.env(), &jenkins.url());
     run.assert_code(2);
     assert!(
         run.stderr.contains("tagged jbake:role=controller"),

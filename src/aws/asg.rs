@@ -21,6 +21,26 @@ pub struct GroupInstance {
     pub lifecycle: String,
     /// `Healthy` / `Unhealthy`.
     pub health: String,
+    /// Scale-in protection: the group never picks it when its desired capacity goes down.
+    pub protected: bool,
+}
+
+/// A group's minimum, maximum and desired capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Sizes {
+    pub min: i32,
+    pub max: i32,
+    pub desired: i32,
+}
+
+impl std::fmt::Display for Sizes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "min {} max {} desired {}",
+            self.min, self.max, self.desired
+        )
+    }
 }
 
 /// An Auto Scaling group, as jbake needs it.
@@ -36,6 +56,10 @@ pub struct GroupInfo {
     pub instances: Vec<GroupInstance>,
     pub target_group_arns: Vec<String>,
     pub tags: Vec<(String, String)>,
+    /// The processes suspended now (`ReplaceUnhealthy`, `AZRebalance`, …), sorted.
+    pub suspended: Vec<String>,
+    /// `EC2` or `ELB` (the group replaces instances whose target is unhealthy).
+    pub health_check_type: String,
 }
 
 impl GroupInfo {
@@ -71,6 +95,7 @@ impl GroupInfo {
                         .map(|s| s.as_str().to_string())
                         .unwrap_or_default(),
                     health: i.health_status().unwrap_or_default().to_string(),
+                    protected: i.protected_from_scale_in().unwrap_or(false),
                 })
                 .collect(),
             target_group_arns: g.target_group_arns().to_vec(),
@@ -84,6 +109,25 @@ impl GroupInfo {
                     )
                 })
                 .collect(),
+            suspended: {
+                let mut s: Vec<String> = g
+                    .suspended_processes()
+                    .iter()
+                    .filter_map(|p| p.process_name().map(str::to_string))
+                    .collect();
+                s.sort();
+                s
+            },
+            health_check_type: g.health_check_type().unwrap_or("EC2").to_string(),
+        }
+    }
+
+    /// The group's sizes.
+    pub fn sizes(&self) -> Sizes {
+        Sizes {
+            min: self.min,
+            max: self.max,
+            desired: self.desired,
         }
     }
 
@@ -137,26 +181,20 @@ impl Asg {
             .map(GroupInfo::from))
     }
 
-    /// Every group in the region (all pages).
+    /// Every group in the region (all pages, with the SDK's paginator).
     pub async fn groups(&self) -> Result<Vec<GroupInfo>, Error> {
+        let mut items = self
+            .client
+            .describe_auto_scaling_groups()
+            .into_paginator()
+            .items()
+            .send();
         let mut all = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let out = self
-                .client
-                .describe_auto_scaling_groups()
-                .set_next_token(token.clone())
-                .send()
-                .await
-                .map_err(|e| self.err("DescribeAutoScalingGroups", e.into_service_error()))?;
-            all.extend(out.auto_scaling_groups().iter().map(GroupInfo::from));
-            match out.next_token() {
-                Some(t) if !t.is_empty() && Some(t) != token.as_deref() => {
-                    token = Some(t.to_string())
-                }
-                _ => return Ok(all),
-            }
+        while let Some(g) = items.next().await {
+            let g = g.map_err(|e| self.err("DescribeAutoScalingGroups", e.into_service_error()))?;
+            all.push(GroupInfo::from(&g));
         }
+        Ok(all)
     }
 
     /// Points the group at launch template `id` version `version` (an explicit number, or
@@ -181,6 +219,120 @@ impl Asg {
             .map_err(|e| {
                 self.err(
                     format!("UpdateAutoScalingGroup {group} (launch template {template_id} version {version})"),
+                    e.into_service_error(),
+                )
+            })?;
+        Ok(())
+    }
+
+    /// Sets the group's maximum and desired capacity (the minimum is never changed).
+    pub async fn set_capacity(&self, group: &str, max: i32, desired: i32) -> Result<(), Error> {
+        self.client
+            .update_auto_scaling_group()
+            .auto_scaling_group_name(group)
+            .max_size(max)
+            .desired_capacity(desired)
+            .send()
+            .await
+            .map_err(|e| {
+                self.err(
+                    format!("UpdateAutoScalingGroup {group} (max {max}, desired {desired})"),
+                    e.into_service_error(),
+                )
+            })?;
+        Ok(())
+    }
+
+    /// Sets only the group's maximum capacity.
+    pub async fn set_max(&self, group: &str, max: i32) -> Result<(), Error> {
+        self.client
+            .update_auto_scaling_group()
+            .auto_scaling_group_name(group)
+            .max_size(max)
+            .send()
+            .await
+            .map_err(|e| {
+                self.err(
+                    format!("UpdateAutoScalingGroup {group} (max {max})"),
+                    e.into_service_error(),
+                )
+            })?;
+        Ok(())
+    }
+
+    /// Suspends `processes` of the group (those already suspended stay so).
+    pub async fn suspend(&self, group: &str, processes: &[String]) -> Result<(), Error> {
+        if processes.is_empty() {
+            return Ok(());
+        }
+        self.client
+            .suspend_processes()
+            .auto_scaling_group_name(group)
+            .set_scaling_processes(Some(processes.to_vec()))
+            .send()
+            .await
+            .map_err(|e| {
+                self.err(
+                    format!("SuspendProcesses {group} ({})", processes.join(", ")),
+                    e.into_service_error(),
+                )
+            })?;
+        Ok(())
+    }
+
+    /// Resumes `processes` of the group.
+    pub async fn resume(&self, group: &str, processes: &[String]) -> Result<(), Error> {
+        if processes.is_empty() {
+            return Ok(());
+        }
+        self.client
+            .resume_processes()
+            .auto_scaling_group_name(group)
+            .set_scaling_processes(Some(processes.to_vec()))
+            .send()
+            .await
+            .map_err(|e| {
+                self.err(
+                    format!("ResumeProcesses {group} ({})", processes.join(", ")),
+                    e.into_service_error(),
+                )
+            })?;
+        Ok(())
+    }
+
+    /// Sets the scale-in protection of one instance of the group.
+    pub async fn protect(&self, group: &str, instance_id: &str, on: bool) -> Result<(), Error> {
+        self.client
+            .set_instance_protection()
+            .auto_scaling_group_name(group)
+            .instance_ids(instance_id)
+            .protected_from_scale_in(on)
+            .send()
+            .await
+            .map_err(|e| {
+                self.err(
+                    format!(
+                        "SetInstanceProtection {group} {instance_id} ({})",
+                        if on { "protected" } else { "unprotected" }
+                    ),
+                    e.into_service_error(),
+                )
+            })?;
+        Ok(())
+    }
+
+    /// Terminates exactly this instance of the group and lowers the desired capacity by one:
+    /// no replacement is launched.
+    pub async fn terminate_decrementing(&self, instance_id: &str) -> Result<(), Error> {
+        self.client
+            .terminate_instance_in_auto_scaling_group()
+            .instance_id(instance_id)
+            .should_decrement_desired_capacity(true)
+            .send()
+            .await
+            .map_err(|e| {
+                self.err(
+                    format!("TerminateInstanceInAutoScalingGroup {instance_id} (lowering the desired capacity)"),
                     e.into_service_error(),
                 )
             })?;

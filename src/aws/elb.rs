@@ -1,4 +1,7 @@
 //! The Elastic Load Balancing (v2) calls `jbake roll` and `jbake status` make: read-only.
+//! Target groups come with their health check settings (they set how long a roll's switch-over
+//! takes), targets with the reason of their state (a successor waiting for the JENKINS_HOME lease
+//! answers 503: `unhealthy`, `Target.ResponseCodeMismatch`).
 
 use super::Error;
 
@@ -8,6 +11,31 @@ pub struct TargetGroupInfo {
     pub name: String,
     pub port: Option<i32>,
     pub load_balancer_arns: Vec<String>,
+    pub health_check: HealthCheck,
+}
+
+/// A target group's health check: how fast a target is found healthy or unhealthy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct HealthCheck {
+    pub path: Option<String>,
+    pub interval_secs: Option<i32>,
+    pub timeout_secs: Option<i32>,
+    pub healthy_threshold: Option<i32>,
+    pub unhealthy_threshold: Option<i32>,
+    /// The HTTP codes counted as healthy (`200`, `200-399`).
+    pub matcher: Option<String>,
+}
+
+impl HealthCheck {
+    /// Seconds from a target's first good answer until it is healthy (at most), and from its
+    /// last good answer until it is unhealthy: threshold × interval.
+    pub fn delays(&self) -> Option<(i64, i64)> {
+        let i = i64::from(self.interval_secs?);
+        Some((
+            i.checked_mul(i64::from(self.healthy_threshold?))?,
+            i.checked_mul(i64::from(self.unhealthy_threshold?))?,
+        ))
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -44,6 +72,7 @@ pub struct TargetHealth {
     /// `initial`, `healthy`, `unhealthy`, `unused`, `draining`, `unavailable`.
     pub state: String,
     pub reason: Option<String>,
+    pub description: Option<String>,
 }
 
 #[derive(Clone)]
@@ -86,6 +115,14 @@ impl Elb {
                 name: t.target_group_name().unwrap_or_default().to_string(),
                 port: t.port(),
                 load_balancer_arns: t.load_balancer_arns().to_vec(),
+                health_check: HealthCheck {
+                    path: t.health_check_path().map(str::to_string),
+                    interval_secs: t.health_check_interval_seconds(),
+                    timeout_secs: t.health_check_timeout_seconds(),
+                    healthy_threshold: t.healthy_threshold_count(),
+                    unhealthy_threshold: t.unhealthy_threshold_count(),
+                    matcher: t.matcher().and_then(|m| m.http_code()).map(str::to_string),
+                },
             })
             .collect())
     }
@@ -168,6 +205,10 @@ impl Elb {
                     .target_health()
                     .and_then(|h| h.reason())
                     .map(|r| r.as_str().to_string()),
+                description: d
+                    .target_health()
+                    .and_then(|h| h.description())
+                    .map(str::to_string),
             })
             .collect())
     }

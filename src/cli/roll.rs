@@ -11,7 +11,7 @@ use super::{interrupted, Failure};
 use crate::aws::{Aws, AwsOptions};
 use crate::progress::{Output, Progress};
 use crate::recipe;
-use crate::roll::{self, Journal, Prepare, RollOptions};
+use crate::roll::{self, lock, Ctx, Journal, Prepare, RollOptions, Strategy};
 use crate::util::fmt_duration;
 
 #[derive(Debug, Args)]
@@ -27,6 +27,21 @@ pub struct RollArgs {
     /// The recipe whose images are controller images (the jbake:recipe tag).
     #[arg(long, value_name = "NAME", default_value = roll::CONTROLLER_RECIPE)]
     pub recipe: String,
+    /// handover: the new controller boots while the old one serves and takes over its
+    /// JENKINS_HOME lease (downtime: Jenkins' start); replace: one instance at a time, for
+    /// groups that cannot run a second instance (downtime: boot + start).
+    #[arg(long, value_enum, default_value_t = Strategy::Handover)]
+    pub strategy: Strategy,
+    /// Roll to an image baked for another EFS file system or path (jbake:efs-id/-path tags),
+    /// or one whose EFS cannot be proven: a deliberate move of JENKINS_HOME.
+    #[arg(long)]
+    pub allow_efs_change: bool,
+    /// Take over the group's roll lock left by a roll that was killed (says whose it was).
+    #[arg(long)]
+    pub take_over_lock: bool,
+    /// Send the Jenkins credentials to a plain http:// URL (e.g. through an SSH tunnel).
+    #[arg(long)]
+    pub allow_insecure_http: bool,
     /// Jenkins' root URL [default: the load balancer's DNS name, HTTPS if it listens on 443].
     #[arg(long, value_name = "URL")]
     pub jenkins_url: Option<String>,
@@ -86,9 +101,10 @@ fn aws_options(a: &AwsArgs) -> AwsOptions {
 }
 
 fn failure(e: roll::Error) -> Failure {
-    match e {
-        roll::Error::Input(m) => Failure::Input(anyhow::anyhow!(m)),
-        other => Failure::Runtime(anyhow::anyhow!(other)),
+    if e.is_refusal() {
+        Failure::Input(anyhow::anyhow!(e))
+    } else {
+        Failure::Runtime(anyhow::anyhow!(e))
     }
 }
 
@@ -118,15 +134,57 @@ pub async fn roll_cmd(args: RollArgs, output: Output, quiet: bool) -> Result<(),
         asg: args.asg.clone(),
         ami: args.ami.clone(),
         recipe: args.recipe.clone(),
+        strategy: args.strategy,
         jenkins_url: args.jenkins_url.clone(),
         jenkins_credentials: args.jenkins_credentials.clone(),
         jenkins_version: args.jenkins_version.clone(),
         drain_timeout: args.drain_timeout,
         no_drain: args.no_drain,
         health_timeout: args.health_timeout,
+        allow_efs_change: args.allow_efs_change,
+        allow_insecure_http: args.allow_insecure_http,
     };
+    // Credentials for a plain-HTTP URL given on the command line: refused before any AWS call.
+    if let (Some(url), Some(_)) = (&opts.jenkins_url, &opts.jenkins_credentials) {
+        if roll::is_plain_http(url) && !opts.allow_insecure_http {
+            return Err(failure(
+                roll::Refusal::InsecureHttp { url: url.clone() }.into(),
+            ));
+        }
+    }
+    if !args.dry_run && !args.yes && !std::io::stdin().is_terminal() {
+        return Err(Failure::Input(anyhow::anyhow!(
+            "standard input is not a terminal, so jbake cannot ask for confirmation: pass --yes (nothing was changed)"
+        )));
+    }
     let aws = Aws::new(&opts.aws).await;
     let progress = Progress::new(output, quiet, Vec::new());
+    let mut opts = opts;
+    let group = tokio::select! {
+        r = roll::discover::find_group(&aws, opts.asg.as_deref()) => r.map_err(failure)?.name,
+        what = interrupted() => {
+            return Err(Failure::Interrupted(format!("{what} before any change: nothing was changed")));
+        }
+    };
+    opts.asg = Some(group.clone());
+    // One roll per group. A lock held by another roll refuses this one at once, naming it
+    // (read-only: a refusal below changes nothing); the lock itself is taken after the plan.
+    let holder = tokio::select! {
+        r = lock::holder(&aws, &group) => r.map_err(|e| failure(e.into()))?,
+        what = interrupted() => {
+            return Err(Failure::Interrupted(format!("{what} before any change: nothing was changed")));
+        }
+    };
+    if let Some(h) = holder {
+        if args.dry_run {
+            progress.warn(&format!(
+                "group {group} is locked by a roll: {}",
+                h.map(|h| h.to_string()).unwrap_or_else(|v| v)
+            ));
+        } else if !args.take_over_lock {
+            return Err(failure(lock::refusal(&group, h).into()));
+        }
+    }
     let prepared = tokio::select! {
         r = roll::prepare(&opts, &aws, &progress) => r.map_err(failure)?,
         what = interrupted() => {
@@ -157,25 +215,85 @@ pub async fn roll_cmd(args: RollArgs, output: Output, quiet: bool) -> Result<(),
         progress.info("dry_run", "--dry-run: nothing was changed");
         return Ok(());
     }
-    if let Some(why) = p.refusal(&opts) {
-        return Err(Failure::Runtime(anyhow::anyhow!(why)));
+    if let Some(e) = p.refusal(&opts) {
+        return Err(failure(e));
     }
-    if !args.yes
-        && !confirm(&format!(
-            "roll group {} to {}?",
-            p.plan.group, p.plan.new.id
-        ))
-        .await?
-    {
-        return Err(Failure::Runtime(anyhow::anyhow!(
-            "not confirmed: nothing was changed"
-        )));
+    let doing = format!(
+        "roll group {group} to {} ({})",
+        p.plan.new.id, p.plan.strategy
+    );
+    let held = tokio::select! {
+        r = lock::acquire(&aws, &group, &doing, args.take_over_lock, &progress) => {
+            r.map_err(|e| failure(e.into()))?
+        }
+        what = interrupted() => {
+            return Err(Failure::Interrupted(format!("{what} before any change: nothing was changed")));
+        }
+    };
+    progress.info(
+        "locked",
+        &format!("holding the roll lock of group {group} ({})", held.param),
+    );
+    let result = locked(&args, &opts, &aws, &p, &progress).await;
+    if let Err(e) = lock::release(&aws, &held).await {
+        progress.warn(&format!("the roll lock was not released: {e}"));
+    }
+    result
+}
+
+/// The part of the roll that runs under the group's lock.
+async fn locked(
+    args: &RollArgs,
+    opts: &RollOptions,
+    aws: &Aws,
+    p: &roll::Prepared,
+    progress: &Progress,
+) -> Result<(), Failure> {
+    if !args.yes {
+        let question = format!("roll group {} to {}?", p.plan.group, p.plan.new.id);
+        let answer = tokio::select! {
+            a = confirm(&question) => a?,
+            what = interrupted() => {
+                return Err(Failure::Interrupted(format!("{what} before any change: nothing was changed")));
+            }
+        };
+        if !answer {
+            return Err(Failure::Runtime(anyhow::anyhow!(
+                "not confirmed: nothing was changed"
+            )));
+        }
     }
     let journal = Journal::default();
+    let ctx = Ctx {
+        opts,
+        aws,
+        p,
+        journal: &journal,
+        progress,
+    };
     let result = tokio::select! {
-        r = roll::execute(&opts, &aws, &p, &journal, &progress) => r,
+        r = roll::execute(&ctx) => r,
         what = interrupted() => {
-            return Err(interrupted_roll(&what, &aws, &p, &journal, &progress).await);
+            // Putting back may take a while (a rollback waits for the old controller): a second
+            // signal stops that and says where things are.
+            let restored = tokio::select! {
+                r = roll::interrupted(&ctx, &what) => r,
+                again = interrupted() => {
+                    let now = match tokio::time::timeout(Duration::from_secs(15), group_now(aws, &p.plan.group)).await {
+                        Ok(Some(text)) => format!(" Right now: {text}."),
+                        _ => String::new(),
+                    };
+                    return Err(Failure::Interrupted(format!(
+                        "{what}, then again {again} while putting group {} back: stopped there (journal: {:?}).{now} Check with `jbake status --region {} --asg {}`",
+                        p.plan.group, journal.get(), aws.region, p.plan.group
+                    )));
+                }
+            };
+            let now = match tokio::time::timeout(Duration::from_secs(15), group_now(aws, &p.plan.group)).await {
+                Ok(Some(text)) => format!(" Right now: {text}."),
+                _ => String::new(),
+            };
+            return Err(Failure::Interrupted(format!("{what}: {restored}.{now}")));
         }
     };
     match result {
@@ -187,15 +305,21 @@ pub async fn roll_cmd(args: RollArgs, output: Output, quiet: bool) -> Result<(),
             progress.finished(
                 "roll_finished",
                 &format!(
-                    "rolled group {} to {} ({}): {} → {}, launch template {} version {}, Jenkins {}; drained in {}, downtime {downtime}",
+                    "rolled group {} to {} ({}, {}): {} → {}, launch template {} version {}, Jenkins {}{}; drained in {}, downtime {downtime}",
                     r.group,
                     r.new_ami,
                     r.new_image_name,
+                    r.strategy,
                     r.old_instance,
                     r.new_instance,
                     r.launch_template,
                     r.launch_template_version,
                     r.jenkins_version,
+                    if r.same_identity {
+                        ", same JENKINS_HOME"
+                    } else {
+                        ""
+                    },
                     fmt_duration(Duration::from_millis(r.drain_ms as u64)),
                 ),
                 json!({"status": "rolled", "roll": r}),
@@ -203,53 +327,6 @@ pub async fn roll_cmd(args: RollArgs, output: Output, quiet: bool) -> Result<(),
             Ok(())
         }
         Err(e) => Err(failure(e)),
-    }
-}
-
-/// Ctrl-C during the roll: before the termination, put everything back; after it, say where
-/// the group is and how to go on or back.
-async fn interrupted_roll(
-    what: &str,
-    aws: &Aws,
-    p: &roll::Prepared,
-    journal: &Journal,
-    progress: &Progress,
-) -> Failure {
-    let state = journal.get();
-    if let Some(r) = &state.replaced {
-        let now =
-            match tokio::time::timeout(Duration::from_secs(15), group_now(aws, &r.group)).await {
-                Ok(Some(text)) => format!(" Right now: {text}."),
-                _ => String::new(),
-            };
-        return Failure::Interrupted(format!(
-            "{what} after the replacement: {}.{now}",
-            roll::state_after_replace(r, state.rolling_back, &aws.region)
-        ));
-    }
-    progress.warn(&format!(
-        "interrupted {what} before the replacement: putting group {} back as it was",
-        p.plan.group
-    ));
-    let restore = roll::restore_before_replace(aws, &p.jenkins, journal, progress);
-    let failed = match tokio::time::timeout(Duration::from_secs(120), restore).await {
-        Ok(f) => f,
-        Err(_) => vec!["no answer within 120s".to_string()],
-    };
-    if failed.is_empty() {
-        Failure::Interrupted(format!(
-            "{what} before the replacement: nothing was replaced; quiet-down was cancelled and group {} is as it was{}",
-            p.plan.group,
-            state
-                .new_version
-                .map(|v| format!(" (launch template version {v} stays, unused)"))
-                .unwrap_or_default()
-        ))
-    } else {
-        Failure::Interrupted(format!(
-            "{what} before the replacement: nothing was replaced, but these could not be put back: {}",
-            failed.join("; ")
-        ))
     }
 }
 

@@ -7,7 +7,7 @@ use crate::aws::instances::InstanceImage;
 use crate::aws::launch_template::TemplateVersion;
 use crate::aws::Aws;
 
-use super::Error;
+use super::error::{Error, Refusal};
 
 /// The tag that marks the controller's group when `--asg` is not given.
 pub const ROLE_TAG: &str = "jbake:role";
@@ -48,10 +48,11 @@ impl Discovered {
 pub async fn find_group(aws: &Aws, name: Option<&str>) -> Result<GroupInfo, Error> {
     if let Some(name) = name {
         return aws.asg.group(name).await?.ok_or_else(|| {
-            Error::Input(format!(
-                "there is no Auto Scaling group named {name} in {}: check --asg and --region (`jbake status --region {}` lists the controller group)",
-                aws.region, aws.region
-            ))
+            Refusal::NoGroup {
+                name: name.to_string(),
+                region: aws.region.clone(),
+            }
+            .into()
         });
     }
     let mut tagged: Vec<GroupInfo> = aws
@@ -62,34 +63,43 @@ pub async fn find_group(aws: &Aws, name: Option<&str>) -> Result<GroupInfo, Erro
         .filter(|g| g.tag(ROLE_TAG) == Some(ROLE_CONTROLLER))
         .collect();
     match tagged.len() {
-        0 => Err(Error::Input(format!(
-            "no Auto Scaling group in {} is tagged {ROLE_TAG}={ROLE_CONTROLLER}: pass --asg NAME, or tag the controller's group",
-            aws.region
-        ))),
+        0 => Err(Refusal::NoTaggedGroup {
+            region: aws.region.clone(),
+            tag: ROLE_TAG,
+            value: ROLE_CONTROLLER,
+        }
+        .into()),
         1 => Ok(tagged.remove(0)),
-        _ => Err(Error::Input(format!(
-            "{} Auto Scaling groups in {} are tagged {ROLE_TAG}={ROLE_CONTROLLER} ({}): pass --asg NAME",
-            tagged.len(),
-            aws.region,
-            tagged.iter().map(|g| g.name.as_str()).collect::<Vec<_>>().join(", ")
-        ))),
+        _ => Err(Refusal::ManyTaggedGroups {
+            region: aws.region.clone(),
+            tag: ROLE_TAG,
+            value: ROLE_CONTROLLER,
+            names: tagged.into_iter().map(|g| g.name).collect(),
+        }
+        .into()),
     }
 }
 
 pub async fn discover(aws: &Aws, name: Option<&str>) -> Result<Discovered, Error> {
     let group = find_group(aws, name).await?;
-    let template = group.template.clone().ok_or_else(|| {
-        Error::Input(format!(
-            "Auto Scaling group {} launches from {}, not a launch template: jbake roll needs a launch template",
-            group.name,
-            group.other_launch_source.as_deref().unwrap_or("something else")
-        ))
-    })?;
-    let missing = |v: &str| {
-        Error::Input(format!(
-            "launch template {} ({}) of group {} has no version {v}",
-            template.id, template.name, group.name
-        ))
+    let template = group
+        .template
+        .clone()
+        .ok_or_else(|| Refusal::NotLaunchTemplate {
+            group: group.name.clone(),
+            launches_from: group
+                .other_launch_source
+                .clone()
+                .unwrap_or_else(|| "something else".to_string()),
+        })?;
+    let missing = |v: &str| -> Error {
+        Refusal::NoVersion {
+            template_id: template.id.clone(),
+            template_name: template.name.clone(),
+            group: group.name.clone(),
+            version: v.to_string(),
+        }
+        .into()
     };
     let current = aws
         .lt

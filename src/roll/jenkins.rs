@@ -1,6 +1,9 @@
 //! The few Jenkins API calls a roll needs: quiet-down (and its cancel), whether builds are
-//! running, and `/login` with the `X-Jenkins` version header. CSRF crumbs are fetched and sent
-//! with the session cookie they belong to. The API token is never printed.
+//! running, a clean stop (`/safeExit`), and `/login` with the `X-Jenkins` version header and the
+//! `X-Instance-Identity` header (the public key of the instance identity, whose private key lives
+//! in JENKINS_HOME: the same value before and after a roll proves the same JENKINS_HOME). CSRF
+//! crumbs are fetched and sent with the session cookie they belong to. The API token is never
+//! printed.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -57,6 +60,8 @@ pub struct LoginAnswer {
     pub status: u16,
     /// The `X-Jenkins` header: Jenkins' version. None: not Jenkins (or a proxy's error page).
     pub version: Option<String>,
+    /// The `X-Instance-Identity` header: which JENKINS_HOME answers.
+    pub identity: Option<String>,
 }
 
 impl LoginAnswer {
@@ -86,6 +91,7 @@ pub struct Jenkins {
 struct Answer {
     status: u16,
     version: Option<String>,
+    identity: Option<String>,
     cookie: Option<String>,
     body: Bytes,
 }
@@ -196,6 +202,7 @@ impl Jenkins {
                     .map(str::to_string)
             };
             let version = header("x-jenkins");
+            let identity = header("x-instance-identity");
             let cookie = resp
                 .headers()
                 .get_all(http::header::SET_COOKIE)
@@ -214,6 +221,7 @@ impl Jenkins {
             Ok(Answer {
                 status,
                 version,
+                identity,
                 cookie,
                 body,
             })
@@ -308,6 +316,24 @@ impl Jenkins {
         self.post("/cancelQuietDown", "cancel quiet-down").await
     }
 
+    /// Stops Jenkins cleanly once no build runs (it saves its queue, then exits): the JENKINS_HOME
+    /// lease is released when it is gone.
+    pub async fn safe_exit(&self) -> Result<(), Error> {
+        self.post("/safeExit", "safe exit").await
+    }
+
+    /// Stops Jenkins at once (running builds are lost): for `--no-drain`.
+    pub async fn exit(&self) -> Result<(), Error> {
+        self.post("/exit", "exit").await
+    }
+
+    /// Whether the URL is plain HTTP (credentials would cross the network unencrypted).
+    pub fn is_plain_http(&self) -> bool {
+        self.base
+            .get(..7)
+            .is_some_and(|p| p.eq_ignore_ascii_case("http://"))
+    }
+
     /// The running builds: busy executors on every node, and flyweight (pipeline) executors.
     pub async fn busy(&self) -> Result<Busy, Error> {
         let what = "the executor status request";
@@ -338,6 +364,7 @@ impl Jenkins {
         Ok(LoginAnswer {
             status: a.status,
             version: a.version,
+            identity: a.identity,
         })
     }
 }

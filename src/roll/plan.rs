@@ -4,8 +4,12 @@ use crate::aws::ec2::{self, ImageInfo};
 use crate::aws::Aws;
 use crate::build::tags;
 
+use crate::aws::asg::Sizes;
+use crate::aws::elb::TargetGroupInfo;
+
 use super::discover::Discovered;
-use super::Error;
+use super::error::{Error, ImageProblem, Refusal};
+use super::Strategy;
 
 /// An image as the plan shows it.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -65,31 +69,39 @@ fn version_key(v: Option<&str>) -> (String, u64) {
 }
 
 /// Whether jbake built the image from `recipe`, completely. Err: why not.
-pub fn check_controller_image(i: &ImageInfo, recipe: &str) -> Result<(), String> {
+pub fn check_controller_image(i: &ImageInfo, recipe: &str) -> Result<(), ImageProblem> {
     match i.tag(tags::RECIPE) {
-        None => return Err(format!(
-            "{} ({}) was not built by jbake (it has no {} tag): jbake roll only rolls out images built from the {recipe} recipe",
-            i.id, i.name, tags::RECIPE
-        )),
-        Some(r) if r != recipe => return Err(format!(
-            "{} ({}) was built from the {r} recipe, not {recipe}: it is not a controller image",
-            i.id, i.name
-        )),
+        None => {
+            return Err(ImageProblem::NotJbake {
+                id: i.id.clone(),
+                name: i.name.clone(),
+                tag: tags::RECIPE,
+                recipe: recipe.to_string(),
+            })
+        }
+        Some(r) if r != recipe => {
+            return Err(ImageProblem::OtherRecipe {
+                id: i.id.clone(),
+                name: i.name.clone(),
+                found: r.to_string(),
+                recipe: recipe.to_string(),
+            })
+        }
         _ => {}
     }
     if !ec2::image_available(&i.state) {
-        return Err(format!(
-            "{} ({}) is {}, not available",
-            i.id, i.name, i.state
-        ));
+        return Err(ImageProblem::NotAvailable {
+            id: i.id.clone(),
+            name: i.name.clone(),
+            state: i.state.clone(),
+        });
     }
     if i.tag(tags::COMPLETE) == Some("false") {
-        return Err(format!(
-            "{} ({}) is an unfinished build ({}=false)",
-            i.id,
-            i.name,
-            tags::COMPLETE
-        ));
+        return Err(ImageProblem::Unfinished {
+            id: i.id.clone(),
+            name: i.name.clone(),
+            tag: tags::COMPLETE,
+        });
     }
     Ok(())
 }
@@ -97,13 +109,11 @@ pub fn check_controller_image(i: &ImageInfo, recipe: &str) -> Result<(), String>
 /// The image to roll out: `--ami`, checked, or the newest complete controller image.
 pub async fn choose(aws: &Aws, ami: Option<&str>, recipe: &str) -> Result<ImageInfo, Error> {
     if let Some(id) = ami {
-        let image = aws.ec2.image(id).await?.ok_or_else(|| {
-            Error::Input(format!(
-                "AMI {id} does not exist in {} (or this account cannot see it): check --ami and --region",
-                aws.region
-            ))
+        let image = aws.ec2.image(id).await?.ok_or_else(|| Refusal::NoSuchAmi {
+            id: id.to_string(),
+            region: aws.region.clone(),
         })?;
-        check_controller_image(&image, recipe).map_err(Error::Input)?;
+        check_controller_image(&image, recipe).map_err(Refusal::from)?;
         return Ok(image);
     }
     let mut found: Vec<ImageInfo> = aws
@@ -118,10 +128,11 @@ pub async fn choose(aws: &Aws, ami: Option<&str>, recipe: &str) -> Result<ImageI
             .cmp(&(&a.creation_date, version_key(a.tag(tags::VERSION))))
     });
     found.into_iter().next().ok_or_else(|| {
-        Error::Input(format!(
-            "no available image built by jbake from the {recipe} recipe in {}: bake one with `jbake controller`, or pass --ami",
-            aws.region
-        ))
+        Refusal::NoImage {
+            recipe: recipe.to_string(),
+            region: aws.region.clone(),
+        }
+        .into()
     })
 }
 
@@ -129,6 +140,7 @@ pub async fn choose(aws: &Aws, ami: Option<&str>, recipe: &str) -> Result<ImageI
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Plan {
     pub group: String,
+    pub strategy: Strategy,
     pub instance_id: String,
     pub template_id: String,
     pub template_name: String,
@@ -143,55 +155,140 @@ pub struct Plan {
     pub new: ImageSummary,
     pub target_groups: Vec<String>,
     pub jenkins_url: String,
+    /// The group's sizes now.
+    pub sizes: Sizes,
+    /// The processes the roll suspends (those not suspended already), resumed at the end.
+    pub suspend: Vec<String>,
+    /// What the target groups' health checks add to the switch-over, in words.
+    pub load_balancer_delay: Option<String>,
     pub steps: Vec<String>,
 }
 
+/// What [`Plan::new`] needs besides the discovery.
+pub struct PlanInput<'a> {
+    pub strategy: Strategy,
+    pub instance_id: &'a str,
+    pub current: ImageSummary,
+    pub new: ImageSummary,
+    pub jenkins_url: &'a str,
+    /// None: `--no-drain`.
+    pub drain_timeout: Option<&'a str>,
+    pub health_timeout: &'a str,
+    pub jenkins_version: Option<&'a str>,
+}
+
+/// What the health checks of `tgs` add to a switch-over (the slowest target group).
+pub fn load_balancer_delay(tgs: &[TargetGroupInfo]) -> Option<String> {
+    let slowest = tgs
+        .iter()
+        .filter_map(|t| t.health_check.delays().map(|d| (t, d)))
+        .max_by_key(|(_, (up, down))| (*up).max(*down))?;
+    let (t, (up, down)) = slowest;
+    let hc = &t.health_check;
+    Some(format!(
+        "target group {}: a target is healthy after {} good checks every {}s (up to {up}s after Jenkins answers) and unhealthy after {} failed ones ({down}s)",
+        t.name,
+        hc.healthy_threshold.unwrap_or_default(),
+        hc.interval_secs.unwrap_or_default(),
+        hc.unhealthy_threshold.unwrap_or_default(),
+    ))
+}
+
 impl Plan {
-    pub fn new(
-        d: &Discovered,
-        instance_id: &str,
-        current: ImageSummary,
-        new: ImageSummary,
-        jenkins_url: &str,
-        drain_timeout: Option<&str>,
-        health_timeout: &str,
-    ) -> Plan {
+    pub fn new(d: &Discovered, i: PlanInput<'_>) -> Plan {
         let new_version = d.latest_version + 1;
-        let steps = vec![
+        let group = &d.group.name;
+        let old = i.instance_id;
+        let sizes = d.group.sizes();
+        let suspend: Vec<String> = super::SUSPENDED
+            .iter()
+            .filter(|p| !d.group.suspended.iter().any(|s| s == *p))
+            .map(|p| p.to_string())
+            .collect();
+        let version = i
+            .jenkins_version
+            .map(|v| format!(" and version {v}"))
+            .unwrap_or_default();
+        let mut steps = vec![
             format!(
-                "create launch template {} version {new_version}: all of version {}'s data, ImageId {} → {}",
-                d.template.id, d.current.number, current.id, new.id
+                "create launch template {} version {new_version} from version {} (EC2 copies it: SourceVersion) with ImageId {} → {}; read it back: only the ImageId may differ",
+                d.template.id, d.current.number, i.current.id, i.new.id
             ),
-            format!("make version {new_version} the template's default and point group {} at version {new_version}", d.group.name),
-            match drain_timeout {
-                Some(t) => format!("put Jenkins at {jenkins_url} in quiet-down and wait up to {t} until no build runs"),
-                None => format!("no drain (--no-drain): Jenkins at {jenkins_url} is not put in quiet-down; builds still running on it are lost"),
-            },
-            format!("terminate {instance_id} in the group without lowering its capacity: the group launches the new controller"),
-            format!("verify within {health_timeout}: the new instance runs {} (EC2), its target is healthy, Jenkins answers /login; report the downtime", new.id),
-            format!("on failure: point the group back at version {}, replace again, check that {} serves, exit 1", d.current.number, current.id),
+            format!("make version {new_version} the template's default and point group {group} at version {new_version}"),
         ];
+        let drain = match i.drain_timeout {
+            Some(t) => format!("put Jenkins at {} in quiet-down and wait up to {t} until no build runs", i.jenkins_url),
+            None => format!("no drain (--no-drain): Jenkins at {} is not put in quiet-down; builds still running on it are lost", i.jenkins_url),
+        };
+        let suspend_text = if suspend.is_empty() {
+            "suspend nothing (the group's processes that could interfere are suspended already)"
+                .to_string()
+        } else {
+            format!("suspend the group's {} processes", suspend.join(", "))
+        };
+        match i.strategy {
+            Strategy::Handover => {
+                let max = sizes.max.max(2);
+                steps.push(format!("{suspend_text}; protect {old} from scale-in"));
+                steps.push(format!(
+                    "raise group {group} to max {max} desired 2: it launches the new controller, whose Jenkins waits for the JENKINS_HOME lease (target unhealthy: {}) while {old} serves; wait up to {}",
+                    super::verify::WAITING_REASON, i.health_timeout
+                ));
+                steps.push(drain);
+                steps.push("stop the old Jenkins (POST /safeExit): it releases the lease, the new controller takes it and starts Jenkins".to_string());
+                steps.push(format!(
+                    "verify within {}: the new instance runs {} (EC2), its target is healthy and {old}'s is not, /login through the load balancer answers with the same X-Instance-Identity (the same JENKINS_HOME){version}; report the downtime",
+                    i.health_timeout, i.new.id
+                ));
+                steps.push(format!(
+                    "terminate {old} lowering the desired capacity (back to {}), max back to {}, resume the processes",
+                    sizes.desired, sizes.max
+                ));
+                steps.push("on failure before the stop: remove the new instance and put everything back; after it: stop the new Jenkins, the old one takes the lease back, remove the new instance, put everything back (exit 1)".to_string());
+            }
+            Strategy::Replace => {
+                steps.push(suspend_text);
+                steps.push(drain);
+                steps.push("stop the old Jenkins (POST /safeExit) and wait until it no longer serves (the JENKINS_HOME lease is free)".to_string());
+                steps.push(format!(
+                    "terminate {old} in the group without lowering its capacity: the group launches the new controller"
+                ));
+                steps.push(format!(
+                    "verify within {}: the new instance runs {} (EC2), its target is healthy, /login through the load balancer answers with the same X-Instance-Identity{version}; resume the processes; report the downtime",
+                    i.health_timeout, i.new.id
+                ));
+                steps.push(format!(
+                    "on failure: point the group back at version {}, replace again, check that {} serves, exit 1",
+                    d.current.number, i.current.id
+                ));
+            }
+        }
         Plan {
-            group: d.group.name.clone(),
-            instance_id: instance_id.to_string(),
+            group: group.clone(),
+            strategy: i.strategy,
+            instance_id: old.to_string(),
             template_id: d.template.id.clone(),
             template_name: d.template.name.clone(),
             group_version: d.template.version.clone(),
             from_version: d.current.number,
             default_version: d.default_version,
             new_version,
-            current,
-            new,
+            current: i.current,
+            new: i.new,
             target_groups: d.target_groups.iter().map(|t| t.name.clone()).collect(),
-            jenkins_url: jenkins_url.to_string(),
+            jenkins_url: i.jenkins_url.to_string(),
+            sizes,
+            suspend,
+            load_balancer_delay: load_balancer_delay(&d.target_groups),
             steps,
         }
     }
 
     pub fn text(&self) -> String {
         let mut s = format!(
-            "roll group {} (instance {}, launch template {} {} version {}{})\n  current: {}\n  new:     {}\n",
+            "roll group {} ({}, instance {}, launch template {} {} version {}{})\n  current: {}\n  new:     {}\n",
             self.group,
+            self.strategy,
             self.instance_id,
             self.template_id,
             self.template_name,
@@ -206,6 +303,9 @@ impl Plan {
         );
         for (n, step) in self.steps.iter().enumerate() {
             s.push_str(&format!("  {}. {step}\n", n + 1));
+        }
+        if let Some(d) = &self.load_balancer_delay {
+            s.push_str(&format!("  load balancer: {d}\n"));
         }
         s
     }
@@ -236,14 +336,19 @@ mod tests {
         let r = "jenkins-controller";
         assert!(check_controller_image(&image("ami-1", Some(r), "available"), r).is_ok());
         let e = check_controller_image(&image("ami-2", Some("jenkins-agent"), "available"), r)
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("jenkins-agent recipe, not jenkins-controller"),
             "{e}"
         );
-        let e = check_controller_image(&image("ami-3", None, "available"), r).unwrap_err();
+        let e = check_controller_image(&image("ami-3", None, "available"), r)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not built by jbake"), "{e}");
-        let e = check_controller_image(&image("ami-4", Some(r), "pending"), r).unwrap_err();
+        let e = check_controller_image(&image("ami-4", Some(r), "pending"), r)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("is pending, not available"), "{e}");
     }
 

@@ -6,8 +6,9 @@ use std::collections::HashMap;
 use crate::aws::Aws;
 
 use super::discover;
+use super::error::Error;
+use super::lock;
 use super::plan::ImageSummary;
-use super::Error;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct InstanceStatus {
@@ -50,6 +51,10 @@ pub struct Status {
     pub versions: Vec<VersionStatus>,
     pub targets: Vec<TargetStatus>,
     pub load_balancers: Vec<(String, String)>,
+    /// The group's suspended processes (a roll suspends some while it runs).
+    pub suspended: Vec<String>,
+    /// Who holds the group's roll lock (a roll runs, or a killed one left it).
+    pub roll_lock: Option<String>,
 }
 
 /// How many launch template versions `status` shows (newest first).
@@ -96,7 +101,13 @@ pub async fn status(aws: &Aws, asg: Option<&str>) -> Result<Status, Error> {
             });
         }
     }
+    let roll_lock = lock::holder(aws, &d.group.name).await?.map(|h| match h {
+        Ok(h) => h.to_string(),
+        Err(value) => format!("a value that is not jbake's: {value:?}"),
+    });
     Ok(Status {
+        suspended: d.group.suspended.clone(),
+        roll_lock,
         group: d.group.name.clone(),
         min: d.group.min,
         max: d.group.max,
@@ -156,6 +167,18 @@ impl Status {
                 format!(" (group says {})", self.group_version)
             }
         );
+        if !self.suspended.is_empty() {
+            s.push_str(&format!(
+                "  suspended processes: {}\n",
+                self.suspended.join(", ")
+            ));
+        }
+        if let Some(h) = &self.roll_lock {
+            s.push_str(&format!(
+                "  roll lock ({}): held by {h}\n",
+                lock::param_name(&self.group)
+            ));
+        }
         for (name, url) in &self.load_balancers {
             s.push_str(&format!("  load balancer {name}: {url}\n"));
         }

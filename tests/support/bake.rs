@@ -88,6 +88,9 @@ pub fn controller_vars(mirror: &str, sha: &str) -> Vec<String> {
     vec![
         format!("jenkins_mirror={mirror}"),
         format!("jenkins_war_sha256={sha}"),
+        // The tests' EFS stand-in starts empty: their image is a first installation's (an image
+        // baked without this refuses an empty JENKINS_HOME).
+        "jenkins_home_init=true".to_string(),
     ]
 }
 

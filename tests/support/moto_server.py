@@ -56,6 +56,196 @@ def _setup_class_with_raw_body(self, request, *args, **kwargs):
 werkzeug_app.DomainDispatcherApplication.__call__ = _keep_raw_body
 responses.BaseResponse.setup_class = _setup_class_with_raw_body
 
+# ---- jbake roll: BEGIN (tests/roll.rs, tests/iam.rs, bench/roll-downtime) ----------------------
+# Three things moto 5.2.5 does not do that `jbake roll` relies on, taught here and only here:
+#
+# 1. CreateLaunchTemplateVersion with SourceVersion: EC2 copies the source version's data and
+#    applies the request's LaunchTemplateData over it (top-level fields replace the source's).
+#    moto ignores SourceVersion: the new version holds only the given fields.
+# 2. SSM parameter actions are authorized against the parameter's ARN
+#    (arn:aws:ssm:REGION:ACCOUNT:parameter/NAME), as AWS does; moto checks every SSM action
+#    against "*", so a statement scoped to a parameter path never matched.
+# 3. The controllers' world: moto knows instances, not the Jenkins on them. A test (or the
+#    benchmark) that plays the controllers posts its URL to POST /jbake-test/world; from then on
+#    moto tells it what happens to instances (POST URL/__world__/event with
+#    {"event": launched|terminated|stopped|started|rebooted, "instance", "image"}) and asks it for
+#    the health of every target that is a running instance (GET URL/__world__/health?instance=ID
+#    -> {"state", "reason", "description"}, or 404 for moto's own answer): the load balancer's
+#    health checks are the world's; a terminated instance's target is "draining", as an ALB
+#    deregisters it (moto keeps it "healthy" forever). Nothing changes while no world is set.
+
+import copy as _copy
+import json as _json
+import threading as _threading
+import urllib.parse as _urlparse
+import urllib.request as _urlrequest
+
+from moto.ec2.models.instances import InstanceBackend as _InstanceBackend
+from moto.ec2.responses.launch_templates import LaunchTemplates as _LaunchTemplates
+from moto.elbv2.models import FakeHealthStatus as _FakeHealthStatus
+from moto.elbv2.models import FakeTargetGroup as _FakeTargetGroup
+from moto.ssm.responses import SimpleSystemManagerResponse as _SsmResponse
+
+_WORLD = {"url": None}
+_WORLD_LOCK = _threading.Lock()
+
+
+def _create_launch_template_version(self):
+    source = self._get_param("SourceVersion")
+    if not source:
+        return _original_create_lt_version(self)
+    name = self._get_param("LaunchTemplateName")
+    tmpl_id = self._get_param("LaunchTemplateId")
+    template = (
+        self.ec2_backend.get_launch_template(tmpl_id)
+        if tmpl_id
+        else self.ec2_backend.get_launch_template_by_name(name)
+    )
+    data = _copy.deepcopy(template.get_version(source).data)
+    data.update(self._get_param("LaunchTemplateData", {}))
+    self.error_on_dryrun()
+    version = template.create_version(data, self._get_param("VersionDescription"))
+    from moto.core.responses import ActionResult
+
+    return ActionResult(
+        {
+            "LaunchTemplateVersion": {
+                "CreateTime": version.create_time,
+                "CreatedBy": f"arn:{self.partition}:iam::{self.current_account}:root",
+                "DefaultVersion": template.is_default(version),
+                "LaunchTemplateData": version.data,
+                "LaunchTemplateId": template.id,
+                "LaunchTemplateName": template.name,
+                "VersionDescription": version.description,
+                "VersionNumber": version.number,
+            }
+        }
+    )
+
+
+_original_create_lt_version = _LaunchTemplates.create_launch_template_version
+_LaunchTemplates.create_launch_template_version = _create_launch_template_version
+
+
+def _ssm_resource(self):
+    name = self._get_param("Name")
+    if not isinstance(name, str) or not name:
+        return "*"
+    path = name if name.startswith("/") else "/" + name
+    return f"arn:aws:ssm:{self.region}:{self.current_account}:parameter{path}"
+
+
+_SsmResponse._determine_resource = _ssm_resource
+
+
+def _world_url():
+    with _WORLD_LOCK:
+        return _WORLD["url"]
+
+
+def _world_event(event, instance):
+    url = _world_url()
+    if not url:
+        return
+    body = _json.dumps(
+        {"event": event, "instance": instance.id, "image": getattr(instance, "image_id", None)}
+    ).encode()
+    req = _urlrequest.Request(
+        url + "/__world__/event", data=body, headers={"Content-Type": "application/json"}
+    )
+    try:
+        _urlrequest.urlopen(req, timeout=5).read()
+    except Exception as e:  # the world is a test's: moto goes on
+        print(f"jbake world: event {event} {instance.id}: {e}", file=sys.stderr)
+
+
+def _wrap_instances(method, event, pick):
+    original = getattr(_InstanceBackend, method)
+
+    def wrapped(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        for instance in pick(self, result, args, kwargs):
+            _world_event(event, instance)
+        return result
+
+    setattr(_InstanceBackend, method, wrapped)
+
+
+def _listed(self, result, args, kwargs):
+    """The instances of a result: a list of instances or of (instance, previous state)."""
+    return [item[0] if isinstance(item, tuple) else item for item in result]
+
+
+_wrap_instances("run_instances", "launched", lambda self, r, a, k: r.instances)
+for _method, _event in (
+    ("terminate_instances", "terminated"),
+    ("stop_instances", "stopped"),
+    ("start_instances", "started"),
+    ("reboot_instances", "rebooted"),
+):
+    _wrap_instances(_method, _event, _listed)
+
+_original_health_for = _FakeTargetGroup.health_for
+
+
+def _health_for(self, target, ec2_backend):
+    moto_says = _original_health_for(self, target, ec2_backend)
+    url = _world_url()
+    tid = target.get("Id", "")
+    if not url or not tid.startswith("i-") or moto_says.status in ("draining", "unused"):
+        return moto_says
+    try:
+        instance = ec2_backend.get_instance_by_id(tid)
+    except Exception:
+        instance = None
+    if instance is not None and instance.state in ("terminated", "shutting-down"):
+        # moto keeps a terminated instance's target "healthy" forever; an ALB deregisters it.
+        return _FakeHealthStatus(
+            tid,
+            moto_says.port,
+            moto_says.health_check_port,
+            "draining",
+            "Target.DeregistrationInProgress",
+            "Target deregistration is in progress",
+        )
+    if instance is None or instance.state == "stopped":
+        return moto_says
+    try:
+        with _urlrequest.urlopen(
+            url + "/__world__/health?" + _urlparse.urlencode({"instance": tid}), timeout=5
+        ) as r:
+            h = _json.loads(r.read())
+    except Exception:
+        return moto_says
+    return _FakeHealthStatus(
+        tid,
+        moto_says.port,
+        moto_says.health_check_port,
+        h.get("state", "healthy"),
+        h.get("reason"),
+        h.get("description"),
+    )
+
+
+_FakeTargetGroup.health_for = _health_for
+
+_dispatch_before_world = werkzeug_app.DomainDispatcherApplication.__call__
+
+
+def _world_endpoint(self, environ, start_response):
+    if environ.get("PATH_INFO") == "/jbake-test/world" and environ.get("REQUEST_METHOD") == "POST":
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        url = environ["wsgi.input"].read(length).decode().strip() if length else ""
+        with _WORLD_LOCK:
+            _WORLD["url"] = url.rstrip("/") or None
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok\n"]
+    return _dispatch_before_world(self, environ, start_response)
+
+
+werkzeug_app.DomainDispatcherApplication.__call__ = _world_endpoint
+# ---- jbake roll: END ---------------------------------------------------------------------------
+
 if __name__ == "__main__":
     from moto.server import main
 

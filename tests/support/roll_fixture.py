@@ -5,7 +5,8 @@ Usage: roll_fixture.py COMMAND [JSON_ARGS]; endpoint, region and credentials fro
 environment (Moto::env).
 
 Commands:
-  setup {"name", "ami", "group_version"}  launch template (no UserData: moto 5.2.5 fails to
+  setup {"name", "ami", "group_version", ["min", "max", "desired"]}
+                                         launch template (no UserData: moto 5.2.5 fails to
                                          launch a group's replacement from one that has it),
                                          target group, ALB + listener, group 1/1/1 tagged
                                          jbake:role=controller -> ids and the first instance
@@ -13,6 +14,10 @@ Commands:
                                          template's versions (with their data) and target health
   stop-others {"group", "keep"}          stops the group's instances other than `keep`
                                          (their targets turn "unused": never healthy)
+  set-default {"group", "version"}       makes `version` the default of the group's template
+                                         (a change made behind jbake's back)
+  set-sizes {"group", "max", "desired"}  changes the group's max (and desired) capacity
+  put-lock {"group", "value"}            creates the group's roll lock parameter with `value`
 """
 
 import json
@@ -66,7 +71,8 @@ def setup(args):
         AutoScalingGroupName=name,
         LaunchTemplate={"LaunchTemplateId": lt["LaunchTemplateId"],
                         "Version": args.get("group_version") or "1"},
-        MinSize=1, MaxSize=1, DesiredCapacity=1,
+        MinSize=args.get("min", 1), MaxSize=args.get("max", 1),
+        DesiredCapacity=args.get("desired", 1),
         VPCZoneIdentifier=",".join(subnet_ids),
         TargetGroupARNs=[tg],
         Tags=[{"Key": "jbake:role", "Value": "controller", "PropagateAtLaunch": False,
@@ -97,11 +103,22 @@ def state(args):
                                   "state": i["State"]["Name"]})
     versions = ec2.describe_launch_template_versions(LaunchTemplateId=lt["LaunchTemplateId"])
     health = []
+    lock = None
+    try:
+        lock = boto3.client("ssm").get_parameter(Name="/jbake/locks/roll/" + name)["Parameter"]["Value"]
+    except Exception as e:  # ParameterNotFound
+        if "ParameterNotFound" not in str(e):
+            raise
     for tg in group.get("TargetGroupARNs", []):
         for d in elb.describe_target_health(TargetGroupArn=tg)["TargetHealthDescriptions"]:
             health.append({"id": d["Target"]["Id"], "state": d["TargetHealth"]["State"]})
     return {
         "group_version": lt.get("Version"),
+        "sizes": [group["MinSize"], group["MaxSize"], group["DesiredCapacity"]],
+        "suspended": sorted(p["ProcessName"] for p in group.get("SuspendedProcesses", [])),
+        "protected": sorted(i["InstanceId"] for i in group["Instances"]
+                            if i.get("ProtectedFromScaleIn")),
+        "lock": lock,
         "instances": instances,
         "versions": [
             {"number": v["VersionNumber"], "default": v["DefaultVersion"],
@@ -126,7 +143,39 @@ def stop_others(args):
     return {"stopped": others}
 
 
-COMMANDS = {"setup": setup, "state": state, "stop-others": stop_others}
+def set_default(args):
+    asg = boto3.client("autoscaling")
+    group = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[args["group"]])["AutoScalingGroups"][0]
+    boto3.client("ec2").modify_launch_template(
+        LaunchTemplateId=group["LaunchTemplate"]["LaunchTemplateId"],
+        DefaultVersion=str(args["version"]),
+    )
+    return {}
+
+
+def set_sizes(args):
+    kwargs = {"AutoScalingGroupName": args["group"], "MaxSize": args["max"]}
+    if "desired" in args:
+        kwargs["DesiredCapacity"] = args["desired"]
+    boto3.client("autoscaling").update_auto_scaling_group(**kwargs)
+    return {}
+
+
+def put_lock(args):
+    boto3.client("ssm").put_parameter(
+        Name="/jbake/locks/roll/" + args["group"], Value=args["value"], Type="String"
+    )
+    return {}
+
+
+COMMANDS = {
+    "setup": setup,
+    "state": state,
+    "stop-others": stop_others,
+    "set-default": set_default,
+    "set-sizes": set_sizes,
+    "put-lock": put_lock,
+}
 
 if __name__ == "__main__":
     command = sys.argv[1]
