@@ -3,13 +3,15 @@
 //! The crate is organised by concern: [`recipe`] turns YAML into a validated, rendered [`recipe::Plan`].
 
 pub mod aws;
-pub mod build;
+pub mod bake;
 pub mod cli;
 pub mod exec;
-pub mod gc;
 pub mod manifest;
 pub mod progress;
 pub mod recipe;
 pub mod roll;
 pub mod ssh;
 pub mod util;
+
+/// The bake's old name, for code not moved yet (`crate::build::tags` in src/roll).
+pub use bake as build;

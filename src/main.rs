@@ -20,14 +20,15 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            jbake::progress::err_line(&format!("error: cannot start the async runtime: {e}"));
             return ExitCode::from(1);
         }
     };
     match runtime.block_on(cli::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
-            eprintln!("error: {failure}");
+            // A closed stderr (`jbake … 2>&1 | head`) is not a reason to panic now.
+            jbake::progress::err_line(&format!("error: {failure}"));
             ExitCode::from(failure.exit_code())
         }
     }

@@ -4,6 +4,22 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+/// How long EC2 may deny knowing something it has just created (eventual consistency): a
+/// `*.NotFound` for a resource younger than this means "not visible yet", and the call is tried
+/// again; an older one, or one EC2 has already shown, is really gone.
+///
+/// Five minutes: EC2 documents no bound ("Eventual consistency in the Amazon EC2 API" asks for
+/// capped exponential backoff); this is what the Terraform AWS provider allows for EC2 changes
+/// to propagate (`ec2PropagationTimeout`, used by `RetryWhenNewResourceNotFound`), seen to cover
+/// the seconds it takes in practice by two orders of magnitude. It bounds how long a build (or
+/// its cleanup) waits for a resource that a lost answer made it unsure about.
+pub const PROPAGATION: Duration = Duration::from_secs(300);
+
+/// Whether a `NotFound` about something created at `created` still means "not visible yet".
+pub fn not_yet_visible(created: Instant) -> bool {
+    created.elapsed() < PROPAGATION
+}
+
 /// What one poll saw.
 pub enum Poll<T> {
     Ready(T),
@@ -42,7 +58,7 @@ where
             return Err(last);
         }
         tokio::time::sleep(interval.min(deadline - waited)).await;
-        interval = (interval * 2).min(max_interval);
+        interval = interval.saturating_mul(2).min(max_interval);
     }
 }
 

@@ -11,8 +11,9 @@ Commands:
   iam-user {"policy"}                  new IAM user with that inline policy -> access key
   put-parameter {"name","value","secure"}
   register-image {"name","tags"}       an AMI (from a fresh snapshot) to use as a base
-  watch {"tag_key"}                    forever: one JSON line per new running instance,
-                                       with its decoded user data and key pair public key
+  watch {"tag_key","instance_type"}    forever: one JSON line per new running instance
+                                       (of that type, when given), with its decoded user
+                                       data and key pair public key
 """
 
 import base64
@@ -78,6 +79,7 @@ def resources(args):
             "name": im.get("Name"),
             "state": im.get("State"),
             "tags": tags(im.get("Tags")),
+            "imds_support": im.get("ImdsSupport"),
             "snapshot_ids": [
                 b["Ebs"]["SnapshotId"]
                 for b in im.get("BlockDeviceMappings", [])
@@ -85,8 +87,14 @@ def resources(args):
             ],
         })
     snapshots = [
-        {"id": s["SnapshotId"], "tags": tags(s.get("Tags"))}
-        for s in ec2.describe_snapshots(OwnerIds=["self"])["Snapshots"]
+        {
+            "id": s["SnapshotId"],
+            "tags": tags(s.get("Tags")),
+            "state": s.get("State"),
+            "description": s.get("Description"),
+        }
+        for page in ec2.get_paginator("describe_snapshots").paginate(OwnerIds=["self"])
+        for s in page["Snapshots"]
     ]
     return {
         "instances": instances,
@@ -205,6 +213,8 @@ def watch(args):
             filters = [{"Name": "instance-state-name", "Values": ["running"]}]
             if tag_key:
                 filters.append({"Name": "tag-key", "Values": [tag_key]})
+            if args.get("instance_type"):
+                filters.append({"Name": "instance-type", "Values": [args["instance_type"]]})
             reservations = ec2.describe_instances(Filters=filters)["Reservations"]
             for r in reservations:
                 for i in r["Instances"]:
