@@ -78,9 +78,26 @@ pub fn check(path: &Path) -> Result<(), Error> {
     })
 }
 
-/// Appends `build` to the manifest at `path` (created if missing), atomically.
+/// Appends `build` to the manifest at `path` (created if missing), atomically. Builds that end
+/// at the same moment take turns (an exclusive lock on `.NAME.lock` beside it), so none of their
+/// records is lost.
 pub fn append(path: &Path, build: Build) -> Result<(), Error> {
     let p = path.display().to_string();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "manifest".to_string());
+    let lock_path = folder(path).join(format!(".{name}.lock"));
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .and_then(|f| f.lock().map(|()| f))
+        .map_err(|source| Error::Write {
+            path: lock_path.display().to_string(),
+            source,
+        })?;
     let mut manifest = read(path)?;
     manifest.builds.push(build);
     let text = serde_json::to_string_pretty(&manifest).map_err(|e| Error::Parse {
@@ -95,7 +112,9 @@ pub fn append(path: &Path, build: Build) -> Result<(), Error> {
         tmp.persist(path).map_err(|e| e.error)?;
         Ok(())
     };
-    write().map_err(|source| Error::Write { path: p, source })
+    let written = write().map_err(|source| Error::Write { path: p, source });
+    drop(lock);
+    written
 }
 
 #[cfg(test)]
@@ -140,6 +159,23 @@ mod tests {
             "not json",
             "a bad file is left alone"
         );
+    }
+
+    #[test]
+    fn builds_ending_at_once_lose_no_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.json");
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let p = p.clone();
+                std::thread::spawn(move || append(&p, build(&format!("b{i}"))).unwrap())
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let m: Manifest = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        assert_eq!(m.builds.len(), 8);
     }
 
     #[test]

@@ -15,6 +15,13 @@ use std::time::{Duration, Instant};
 /// its cleanup) waits for a resource that a lost answer made it unsure about.
 pub const PROPAGATION: Duration = Duration::from_secs(300);
 
+/// How long jbake looks, by name or tag, for something a call whose answer never came may have
+/// made (a timeout, a dropped connection, a server error after the SDK's retries): a resource EC2
+/// made shows in its lists within seconds, so one not seen in a minute was most likely never
+/// made — and if it was, it carries the build's tag: the build's final sweep and `jbake gc`
+/// still find it. (A resource EC2 gave jbake the id of gets the full [`PROPAGATION`].)
+pub const LOST_ANSWER: Duration = Duration::from_secs(60);
+
 /// Whether a `NotFound` about something created at `created` still means "not visible yet".
 pub fn not_yet_visible(created: Instant) -> bool {
     created.elapsed() < PROPAGATION

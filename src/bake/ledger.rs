@@ -14,7 +14,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::aws::wait::{self, not_yet_visible, PROPAGATION};
+use crate::aws::wait::{self, not_yet_visible, LOST_ANSWER, PROPAGATION};
 use crate::aws::{self, Aws};
 use crate::progress::Progress;
 
@@ -219,9 +219,14 @@ impl Undo<'_> {
         }
     }
 
-    /// Whether a NotFound about it means "not visible yet".
+    /// Whether a NotFound about it means "not visible yet" (EC2 gave its id).
     fn not_yet(&self) -> bool {
         !self.seen && not_yet_visible(self.created)
+    }
+
+    /// Whether a resource whose answer was lost may still show up in a list.
+    fn may_show(&self) -> bool {
+        !self.seen && self.created.elapsed() < LOST_ANSWER
     }
 
     /// Removes one resource, waiting where the next one depends on it (a security group cannot
@@ -251,7 +256,7 @@ impl Undo<'_> {
                             .filter(|i| i.state != "terminated")
                             .map(|i| i.id)
                             .collect();
-                        Ok(if live.is_empty() && self.not_yet() {
+                        Ok(if live.is_empty() && self.may_show() {
                             wait::Poll::Pending("not visible yet".into())
                         } else {
                             wait::Poll::Ready(live)
@@ -279,7 +284,9 @@ impl Undo<'_> {
                     .poll(aws, &format!("finding security group {name}"), || async {
                         Ok(match aws.ec2.security_group_named(name, vpc).await? {
                             Some(g) => wait::Poll::Ready(Some(g.id)),
-                            None if self.not_yet() => wait::Poll::Pending("not visible yet".into()),
+                            None if self.may_show() => {
+                                wait::Poll::Pending("not visible yet".into())
+                            }
                             None => wait::Poll::Ready(None),
                         })
                     })
@@ -310,7 +317,9 @@ impl Undo<'_> {
                             .collect();
                         Ok(match own.into_iter().next() {
                             Some(id) => wait::Poll::Ready(Some(id)),
-                            None if self.not_yet() => wait::Poll::Pending("not visible yet".into()),
+                            None if self.may_show() => {
+                                wait::Poll::Pending("not visible yet".into())
+                            }
                             None => wait::Poll::Ready(None),
                         })
                     })

@@ -326,8 +326,8 @@ async fn bake(opts: BakeOptions) -> Result<(), Failure> {
             "build {build_id} stopped on an internal error (a bug in jbake: {what}); {}",
             left.unwrap_or_else(|| "its temporary resources were removed".to_string())
         ))),
-        Outcome::Interrupted(_) => Err(Failure::Interrupted(format!(
-            "(build {build_id}); {}",
+        Outcome::Interrupted(why) => Err(Failure::Interrupted(format!(
+            "{why} (build {build_id}); {}",
             left.unwrap_or_else(|| "its temporary resources were removed".to_string())
         ))),
     }

@@ -32,8 +32,9 @@ EC2 as AWS documents it and moto does not show it, in scaled time (seconds, not 
                       says so once the instance's host key is installed), at most
                       "pending_max_s" (default 60)
   "stopping_s": S     `stopping` for S seconds after StopInstances
-  "shutting_down_s": S  `shutting-down` for S seconds after TerminateInstances; meanwhile its
-                      security group cannot be deleted (DependencyViolation)
+  "shutting_down_s": S  `shutting-down` for S seconds after TerminateInstances; meanwhile, and
+                      "group_busy_s" longer (its network interface lingers), its security group
+                      cannot be deleted (DependencyViolation)
   "image_pending_s": S  an image is `pending` for S seconds after CreateImage, without block
                       device mappings; its snapshots (found by "for ami-..." in their
                       description) are `pending` with it
@@ -197,7 +198,8 @@ class World:
             if thing["kind"] != "instance" or gid not in thing.get("sgs", []):
                 continue
             term = thing.get("term")
-            if term is None or now - term < self.f("shutting_down_s"):
+            busy = self.f("shutting_down_s") + self.f("group_busy_s")
+            if term is None or now - term < busy:
                 self.count("dependency")
                 return ("DependencyViolation", f"resource {gid} has a dependent object")
         return None

@@ -527,6 +527,55 @@ impl Resources {
         found
     }
 
+    /// What builds must not leave, as `kind id` lines (empty when clean): instances not
+    /// terminated, key pairs and security groups, images not complete (`jbake:complete` not
+    /// `true`, deregistered ones aside), and snapshots that no registered complete image uses.
+    /// Of `build_id`'s resources only, or of every build (anything tagged `jbake:build-id`, or
+    /// named `jbake-…`) with `None`. A complete image and its snapshots are a build's result.
+    pub fn leftovers_of(&self, build_id: Option<&str>) -> Vec<String> {
+        let ours = |tags: &BTreeMap<String, String>| match build_id {
+            Some(id) => tags.get(BUILD_TAG).map(String::as_str) == Some(id),
+            None => tags.contains_key(BUILD_TAG),
+        };
+        let mut left = Vec::new();
+        for i in self.live_instances() {
+            if ours(&i.tags) {
+                left.push(format!("instance {} ({})", i.id, i.state));
+            }
+        }
+        for k in &self.key_pairs {
+            if ours(&k.tags) || (build_id.is_none() && k.name.starts_with("jbake-")) {
+                left.push(format!("key-pair {}", k.name));
+            }
+        }
+        for g in &self.security_groups {
+            if ours(&g.tags) || (build_id.is_none() && g.name.starts_with("jbake-")) {
+                left.push(format!("security-group {} ({})", g.id, g.name));
+            }
+        }
+        let complete = |i: &ImageInfo| {
+            i.tags.get("jbake:complete").map(String::as_str) == Some("true")
+                && i.state.as_deref() != Some("deregistered")
+        };
+        for im in &self.images {
+            if ours(&im.tags) && !complete(im) && im.state.as_deref() != Some("deregistered") {
+                left.push(format!("image {} ({:?})", im.id, im.state));
+            }
+        }
+        let used: Vec<&String> = self
+            .images
+            .iter()
+            .filter(|i| complete(i))
+            .flat_map(|i| i.snapshot_ids.iter())
+            .collect();
+        for s in &self.snapshots {
+            if ours(&s.tags) && !used.contains(&&s.id) {
+                left.push(format!("snapshot {} ({:?})", s.id, s.description));
+            }
+        }
+        left
+    }
+
     /// Key pairs whose name starts with `jbake-`.
     pub fn jbake_key_pairs(&self) -> Vec<&KeyPairInfo> {
         self.key_pairs
