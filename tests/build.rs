@@ -1320,19 +1320,25 @@ fn the_image_number_is_confirmed_at_create_image_time() {
     };
     let mut child = spawn(w.build(
         "steps:\n  - name: Mark the image\n    file: { path: /etc/jbake-built, content: \"{{ version }}\\n\" }\n\
-         \x20 - name: slow\n    run: echo started; sleep 2\n",
+         \x20 - name: slow\n    run: sleep 3\n",
     ));
     let (lines, id) = follow(&mut child);
-    wait_for_line(&lines, "started");
-    // The version this build planned (and reserved on its key pair)...
-    let planned = w
-        .moto
-        .resources(REGION)
-        .key_pairs
-        .into_iter()
-        .find(|k| k.tags.get("jbake:build-id") == Some(&id))
-        .and_then(|k| k.tags.get("jbake:version").cloned())
-        .expect("the key pair carries the planned version");
+    // The version this build planned, reserved on its key pair (its first resource)...
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let planned = loop {
+        let reserved = w
+            .moto
+            .resources(REGION)
+            .key_pairs
+            .into_iter()
+            .find(|k| k.tags.get("jbake:build-id") == Some(&id))
+            .and_then(|k| k.tags.get("jbake:version").cloned());
+        if let Some(v) = reserved {
+            break v;
+        }
+        assert!(std::time::Instant::now() < deadline, "no key pair");
+        std::thread::sleep(Duration::from_millis(100));
+    };
     // ... is taken by another build's image before this one gets to CreateImage.
     let taken = w.moto.awsctl(
         "register-image",

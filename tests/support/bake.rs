@@ -124,7 +124,7 @@ pub fn bake_command(
 
 /// The realistic AWS of the fault proxy (see fault_proxy.py), everything at once, in seconds:
 /// new instances, groups and images NotFound for their first 2 requests and missing from lists
-/// for 1 s; instances `pending` until the cloud-init stand-in served them (report it with
+/// for 1 s; instances `pending` for 2 s and until the cloud-init stand-in served them (report it with
 /// `CloudInit::report_to`), `stopping` and `shutting-down` for 2 s (the group in use meanwhile,
 /// and 1.5 s longer),
 /// images and their snapshots `pending` for 3 s; every 9th request starts a burst of 2 throttled
@@ -135,6 +135,7 @@ pub const REALISTIC: &str = r#"{
     "not_found": 2,
     "hide_s": 1.0,
     "pending_until_ready": true,
+    "pending_s": 2,
     "pending_max_s": 60,
     "stopping_s": 2,
     "shutting_down_s": 2,

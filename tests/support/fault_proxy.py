@@ -28,8 +28,8 @@ EC2 as AWS documents it and moto does not show it, in scaled time (seconds, not 
                       InvalidInstanceID.NotFound, InvalidGroup.NotFound, InvalidAMIID.NotFound
   "hide_s": S         ... and missing from list answers (filters, no ids) for S seconds
   "pending_s": S      an instance is `pending` for S seconds after RunInstances; with
-  "pending_until_ready": true   until POST /__fault__/ready names it (the cloud-init stand-in
-                      says so once the instance's host key is installed), at most
+  "pending_until_ready": true   also until POST /__fault__/ready names it (the cloud-init
+                      stand-in says so once the instance's host key is installed), at most
                       "pending_max_s" (default 60)
   "stopping_s": S     `stopping` for S seconds after StopInstances
   "shutting_down_s": S  `shutting-down` for S seconds after TerminateInstances; meanwhile, and
@@ -246,10 +246,9 @@ class World:
             return None
         now = time.monotonic()
         age = now - thing["t"]
+        waiting = age < self.f("pending_s")
         if self.cfg.get("pending_until_ready"):
-            waiting = iid not in READY and age < self.f("pending_max_s", 60)
-        else:
-            waiting = age < self.f("pending_s")
+            waiting = waiting or (iid not in READY and age < self.f("pending_max_s", 60))
         if state == "running" and waiting:
             return ("0", "pending")
         stop, term = thing.get("stop"), thing.get("term")
