@@ -1498,7 +1498,7 @@ fn soak_20_builds_with_random_faults_and_interrupts_leave_nothing() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(n));
         w.proxy.world(&format!(
             r#"{{"seed": {}, "not_found": {}, "hide_s": 1, "pending_until_ready": true,
-                "stopping_s": 1, "shutting_down_s": 1, "image_pending_s": 2,
+                "stopping_s": 1, "shutting_down_s": 1, "group_busy_s": 1, "image_pending_s": 2,
                 "throttle_p": 0.04, "throttle_burst": 2, "lose_p": 0.15,
                 "lose_actions": ["ImportKeyPair", "CreateSecurityGroup", "AuthorizeSecurityGroupIngress",
                     "RunInstances", "StopInstances", "CreateImage", "ModifyImageAttribute", "CreateTags",
