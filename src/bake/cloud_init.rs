@@ -11,14 +11,12 @@ use crate::util::shell_quote;
 /// connection verifies the host key strictly, and (b) schedules a watchdog shutdown after `ttl`
 /// (with shutdown behaviour "terminate", even a jbake killed with SIGKILL cannot leave the
 /// instance running past it). `bootcmd` runs at every boot, so a `reboot` step re-arms it.
-pub fn user_data(host_key: &PrivateKey, ttl_minutes: u64) -> Result<String, String> {
-    let private = host_key
-        .to_openssh(LineEnding::LF)
-        .map_err(|e| format!("cannot encode the host key: {e}"))?;
-    let public = host_key
-        .public_key()
-        .to_openssh()
-        .map_err(|e| format!("cannot encode the host key: {e}"))?;
+pub fn user_data(
+    host_key: &PrivateKey,
+    ttl_minutes: u64,
+) -> Result<String, russh::keys::ssh_key::Error> {
+    let private = host_key.to_openssh(LineEnding::LF)?;
+    let public = host_key.public_key().to_openssh()?;
     let mut private_block = String::new();
     for line in private.lines() {
         private_block.push_str("    ");

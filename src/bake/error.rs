@@ -39,7 +39,7 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error("cannot encode the build's one-time SSH key: {0}")]
-    Key(String),
+    Key(russh::keys::ssh_key::Error),
     #[error("VPC {vpc} has no IPv4 CIDR block: pass --ssh-cidr")]
     NoVpcCidr { vpc: String },
     #[error("{instance} has no {interface} IP address: {hint}")]

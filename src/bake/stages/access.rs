@@ -44,10 +44,7 @@ pub async fn key_pair(b: &mut Bake, r: &Resolved) -> Result<Keys, Error> {
     let name = access_name(&b.build_id);
     let client = Arc::new(ed25519(&name));
     let host = ed25519(&format!("jbake-host-{}", b.build_id));
-    let public = client
-        .public_key()
-        .to_openssh()
-        .map_err(|e| Error::Key(e.to_string()))?;
+    let public = client.public_key().to_openssh().map_err(Error::Key)?;
     b.progress
         .info("stage", &format!("importing temporary key pair {name}"));
     // Recorded first: deleting a key pair by name is harmless if the import never happened.
