@@ -6,10 +6,13 @@ pub mod aws;
 pub mod bake;
 pub mod cli;
 pub mod exec;
+pub mod keys;
 pub mod manifest;
 pub mod progress;
+pub mod prune;
 pub mod recipe;
 pub mod roll;
+pub mod shipped;
 pub mod ssh;
 pub mod util;
 

@@ -7,6 +7,7 @@ pub mod ec2;
 pub mod elb;
 pub mod instances;
 pub mod launch_template;
+pub mod usage;
 pub mod wait;
 
 use std::time::Duration;
@@ -39,6 +40,8 @@ pub struct Aws {
     pub elb: Elb,
     pub lt: LaunchTemplates,
     pub instances: Instances,
+    /// What uses an image (`jbake prune`).
+    pub usage: usage::ImageUsage,
     pub region: String,
 }
 
@@ -79,6 +82,12 @@ impl Aws {
             ),
             lt: LaunchTemplates::new(aws_sdk_ec2::Client::new(&conf), &opts.region),
             instances: Instances::new(aws_sdk_ec2::Client::new(&conf), &opts.region),
+            usage: usage::ImageUsage::new(
+                aws_sdk_ec2::Client::new(&conf),
+                aws_sdk_autoscaling::Client::new(&conf),
+                aws_sdk_ssm::Client::new(&conf),
+                &opts.region,
+            ),
             region: opts.region.clone(),
         }
     }

@@ -11,6 +11,7 @@ use crate::aws::{Aws, AwsOptions};
 use crate::bake::{self, gc, BakeOptions, OnError, Outcome, SshInterface};
 use crate::progress::{Output, Progress};
 use crate::recipe::{self, BaseImage, LoadOptions};
+use crate::shipped::Extracted;
 
 /// Where and as whom to call AWS (the standard chain: environment, profiles, SSO, instance role).
 #[derive(Debug, Args)]
@@ -27,7 +28,7 @@ pub struct AwsArgs {
 }
 
 impl AwsArgs {
-    fn options(&self) -> AwsOptions {
+    pub(crate) fn options(&self) -> AwsOptions {
         AwsOptions {
             region: self.region.clone(),
             profile: self.profile.clone(),
@@ -110,18 +111,20 @@ pub struct ControllerArgs {
     /// The EFS file system that holds JENKINS_HOME (fs-xxxxxxxx or fs-xxxxxxxxxxxxxxxxx).
     #[arg(long, value_name = "FS_ID", value_parser = parse_efs_id)]
     pub efs_id: String,
-    /// The controller recipe.
-    #[arg(long, default_value = "recipes/controller.yaml")]
-    pub recipe: PathBuf,
+    /// The controller recipe [default: the built-in recipes/controller.yaml; `jbake recipes
+    /// export DIR` writes it out to customise].
+    #[arg(long, value_name = "FILE")]
+    pub recipe: Option<PathBuf>,
     #[command(flatten)]
     pub flags: BuildFlags,
 }
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
-    /// The agent recipe.
-    #[arg(long, default_value = "recipes/agent.yaml")]
-    pub recipe: PathBuf,
+    /// The agent recipe [default: the built-in recipes/agent.yaml; `jbake recipes export DIR`
+    /// writes it out to customise].
+    #[arg(long, value_name = "FILE")]
+    pub recipe: Option<PathBuf>,
     #[command(flatten)]
     pub flags: BuildFlags,
 }
@@ -278,18 +281,38 @@ pub async fn controller_cmd(
     quiet: bool,
 ) -> Result<(), Failure> {
     let efs = vec![("efs_id".to_string(), args.efs_id.clone())];
-    bake(options(args.recipe, &args.flags, efs, output, quiet)?).await
+    let (recipe, shipped) = recipe_or_shipped(args.recipe, "controller")?;
+    let r = bake(options(recipe, &args.flags, efs, output, quiet)?).await;
+    shown_as_built_in(r, shipped.as_ref())
 }
 
 pub async fn agent_cmd(args: AgentArgs, output: Output, quiet: bool) -> Result<(), Failure> {
-    bake(options(
-        args.recipe,
-        &args.flags,
-        Vec::new(),
-        output,
-        quiet,
-    )?)
-    .await
+    let (recipe, shipped) = recipe_or_shipped(args.recipe, "agent")?;
+    let r = bake(options(recipe, &args.flags, Vec::new(), output, quiet)?).await;
+    shown_as_built_in(r, shipped.as_ref())
+}
+
+/// `--recipe FILE`, or the built-in recipe `name` extracted for this command.
+fn recipe_or_shipped(
+    given: Option<PathBuf>,
+    name: &str,
+) -> Result<(PathBuf, Option<Extracted>), Failure> {
+    if let Some(path) = given {
+        return Ok((path, None));
+    }
+    let shipped = Extracted::new().map_err(|e| Failure::Runtime(e.into()))?;
+    let path = shipped
+        .recipe(name)
+        .map_err(|e| Failure::Runtime(e.into()))?;
+    Ok((path, Some(shipped)))
+}
+
+/// Errors about a built-in recipe name it `<built-in>/recipes/…`, not the temporary folder.
+fn shown_as_built_in(r: Result<(), Failure>, shipped: Option<&Extracted>) -> Result<(), Failure> {
+    match shipped {
+        Some(x) => r.map_err(|f| f.map_text(|t| x.display(t))),
+        None => r,
+    }
 }
 
 /// Runs a bake (its cleanup included) and says how it ended.

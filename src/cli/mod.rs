@@ -2,6 +2,9 @@
 //! into exit codes: 1 runtime failure, 2 bad input (always before any connection), 130 interrupted.
 
 mod build;
+mod keys;
+mod meta;
+mod prune;
 mod roll;
 
 use std::path::{Path, PathBuf};
@@ -55,6 +58,17 @@ pub enum Command {
     Roll(roll::RollArgs),
     /// Show the controller's group, instances, launch template versions and target health.
     Status(roll::StatusArgs),
+    /// The controller→agents SSH key pair in SSM: init, rotate without downtime, finish, show.
+    Keys(keys::KeysArgs),
+    /// Remove old images jbake made (and their snapshots): never one in use, never the newest N.
+    Prune(prune::PruneArgs),
+    /// The recipes built into jbake: list them, or write them out to customise.
+    #[command(subcommand)]
+    Recipes(meta::RecipesCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(meta::CompletionsArgs),
+    /// Print jbake's man page, or write one page per command into a folder.
+    Man(meta::ManArgs),
 }
 
 #[derive(Debug, Args)]
@@ -193,6 +207,17 @@ impl Failure {
     }
 }
 
+impl Failure {
+    /// The same failure with its message rewritten (e.g. a temporary path named as what it is).
+    pub fn map_text(self, f: impl Fn(&str) -> String) -> Failure {
+        match self {
+            Failure::Input(e) => Failure::Input(anyhow::anyhow!(f(&format!("{e:#}")))),
+            Failure::Runtime(e) => Failure::Runtime(anyhow::anyhow!(f(&format!("{e:#}")))),
+            Failure::Interrupted(what) => Failure::Interrupted(f(&what)),
+        }
+    }
+}
+
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -225,6 +250,11 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Gc(args) => build::gc_cmd(args, cli.output, cli.quiet).await,
         Command::Roll(args) => roll::roll_cmd(args, cli.output, cli.quiet).await,
         Command::Status(args) => roll::status_cmd(args, cli.output, cli.quiet).await,
+        Command::Keys(args) => keys::keys_cmd(args, cli.output, cli.quiet).await,
+        Command::Prune(args) => prune::prune_cmd(args, cli.output, cli.quiet).await,
+        Command::Recipes(cmd) => meta::recipes_cmd(cmd, cli.output),
+        Command::Completions(args) => meta::completions_cmd(args),
+        Command::Man(args) => meta::man_cmd(args),
     }
 }
 

@@ -614,7 +614,7 @@ fn decode_step(node: &Node, field: String, phase: Phase) -> Result<RawStep, Erro
         retries,
         delay,
         timeout,
-        when: opt_str(&m, "when")?,
+        when: opt_when(&m)?,
         creates: opt_str(&m, "creates")?,
         field,
     })
@@ -640,6 +640,18 @@ fn opt_str(m: &Map<'_>, key: &str) -> Result<Option<Spanned>, Error> {
             Ok(Some(Spanned::of(n, f, s)))
         }
         None => Ok(None),
+    }
+}
+
+/// `when:` is an expression; a YAML boolean (`when: false`) is the expression `false`.
+fn opt_when(m: &Map<'_>) -> Result<Option<Spanned>, Error> {
+    match m.get("when") {
+        Some(n) if matches!(n.value, Value::Bool(_)) => {
+            let f = m.path("when");
+            let b = n.bool(&f)?;
+            Ok(Some(Spanned::of(n, f, if b { "true" } else { "false" })))
+        }
+        _ => opt_str(m, "when"),
     }
 }
 

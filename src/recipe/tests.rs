@@ -412,3 +412,23 @@ fn tags_are_rendered_sorted_and_shown() {
     assert!(text.contains("image tags:"), "{text}");
     assert!(text.contains("jbake:efs-id = \"fs-01234567\""), "{text}");
 }
+
+#[test]
+fn when_accepts_yaml_booleans() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.yaml");
+    std::fs::write(
+        &path,
+        "version: 1\nname: r\nbase: { ami: ami-0123456789abcdef0, ssh_user: admin }\n\
+         steps:\n  - name: off\n    when: false\n    run: \"true\"\n\
+         \x20 - name: on\n    when: true\n    run: \"true\"\n",
+    )
+    .unwrap();
+    let plan = load(&path, &LoadOptions::default()).unwrap();
+    let whens: Vec<bool> = plan
+        .steps
+        .iter()
+        .map(|s| s.when.as_ref().unwrap().1)
+        .collect();
+    assert_eq!(whens, [false, true]);
+}
