@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use crate::recipe::{Phase, Step};
 use crate::ssh::Stream;
-use crate::util::{fmt_duration, mask};
+use crate::util::{fmt_duration, mask, mask_json, register_secrets, secret_forms};
 
 /// How progress is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -96,8 +96,12 @@ fn label(step: &Step, total: usize) -> String {
 }
 
 impl Progress {
-    /// `quiet`: print only warnings, failures and the final result (for cron).
+    /// `quiet`: print only warnings, failures and the final result (for cron). `secrets` are
+    /// masked in everything it prints, in every form they can take ([`secret_forms`]), and
+    /// registered for the final error line and the internal logs.
     pub fn new(output: Output, quiet: bool, secrets: Vec<String>) -> Progress {
+        register_secrets(&secrets);
+        let secrets = secret_forms(&secrets);
         let mode = match output {
             Output::Json => Mode::Json,
             Output::Text if std::io::stderr().is_terminal() && !quiet => Mode::Tty,
@@ -125,6 +129,8 @@ impl Progress {
         if let Value::Object(map) = &mut v {
             map.insert("time".into(), Value::String(now()));
         }
+        // Before serialising: a secret's escaped form would no longer be found afterwards.
+        mask_json(&mut v, &self.secrets);
         let text = mask(&v.to_string(), &self.secrets);
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{text}");

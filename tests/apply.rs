@@ -85,7 +85,7 @@ steps:
     run: touch {w}/never2
     creates: "{w}/root-uid"
   - name: leaks nothing
-    run: echo "the token is {{{{ token }}}}"
+    run: echo the token is {{{{ token }}}}
 validate:
   - name: files are there
     run: test -s {w}/app.conf && test -x {w}/tree/sub/b.sh

@@ -114,7 +114,7 @@ fn a_build_bakes_a_tagged_versioned_ami_and_leaves_nothing_behind() {
         "vars:\n  flavour: { default: a }\n  token: { secret: true, default: s3cr3t-build-token }\n\
          steps:\n  - name: Mark the image\n    file: { path: /etc/jbake-built, content: \"{{ version }}\\n\" }\n\
          \x20 - name: Config\n    upload: { src: app.conf, dest: /etc/jbake-app.conf }\n\
-         \x20 - name: Flavour\n    run: echo {{ flavour }} > /etc/jbake-flavour; test -n '{{ token }}'\n\
+         \x20 - name: Flavour\n    run: echo {{ flavour }} > /etc/jbake-flavour; test -n {{ token }}\n\
          validate:\n  - name: marked\n    run: test -s /etc/jbake-built\n",
     );
     let boot = FaultProxy::start(&moto.endpoint());

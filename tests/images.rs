@@ -217,7 +217,8 @@ fn rebuild_with_a_wrong_checksum(
     bad.assert_code(1);
     assert!(
         bad.stderr
-            .contains("step 6 'Jenkins 2.479.3 war, SHA-256 verified' (recipes/controller.yaml:")
+            .contains("step 6 'Jenkins 2.479.3 war, SHA-256 verified' (")
+            && bad.stderr.contains("recipes/controller.yaml:")
             && bad.stderr.contains(") exited 1 (attempt 3 of 3) on i-"),
         "{}",
         bad.stderr
@@ -645,7 +646,7 @@ fn images_agent_accepts_the_controller_key_from_ssm_and_follows_its_rotation() {
         step_secs(&run, "git and the build tools")
     );
     assert!(!vm
-        .exec("test -e /home/jenkins/.ssh/authorized_keys")
+        .exec("test -e /home/jenkins/.ssh/authorized_keys || test -e /etc/ssh/authorized_keys/jenkins")
         .status
         .success());
     let archive = work.path().join("agent.tar.zst");
@@ -654,31 +655,30 @@ fn images_agent_accepts_the_controller_key_from_ssm_and_follows_its_rotation() {
     assert!(keys.is_empty(), "private keys in the agent image: {keys:?}");
     let reader = ssm_reader(&moto);
 
-    // Boot: the key sync retries until it can read SSM, then installs the controller's key.
+    // Boot: the key sync retries until it can read SSM, then installs the controller's key,
+    // root-owned, in the folder sshd reads the agent user's keys from (never its home).
+    let keys = "/etc/ssh/authorized_keys/jenkins";
     let t = Instant::now();
     let agent = Instance::builder("img-agent-b").image(&archive).up();
     let _fwd = point_ssm_at_moto(&agent, &moto, &reader);
-    let took = wait_for_file(
-        &agent,
-        "/home/jenkins/.ssh/authorized_keys",
-        &pub1,
-        Duration::from_secs(60),
-    );
+    let took = wait_for_file(&agent, keys, &pub1, Duration::from_secs(60));
     eprintln!("images: agent booted, key from SSM after {:.1?} ({took:.1?} after the SSM endpoint was set)", t.elapsed());
     assert_eq!(
-        agent.exec_ok("stat -c '%U %a' /home/jenkins/.ssh/authorized_keys"),
-        "jenkins 600"
+        agent.exec_ok(&format!("stat -c '%U:%G %a' {keys}")),
+        "root:root 644"
     );
     assert_eq!(ssh_as(&agent, "jenkins", &key1).as_deref(), Some("jenkins"));
 
-    // Rotation: a new key in SSM replaces the old one after the next refresh; no rebuild.
+    // Rotation, no rebuild: during the window the parameter holds the old and the new key
+    // (both log in), then only the new one (the old one is refused).
+    let both = format!("{pub1}\n{pub2}");
+    moto.put_parameter(param, &both, true);
+    let took = wait_for_file(&agent, keys, &both, Duration::from_secs(60));
+    eprintln!("images: old and new key in place {took:.1?} after the parameter changed");
+    assert_eq!(ssh_as(&agent, "jenkins", &key1).as_deref(), Some("jenkins"));
+    assert_eq!(ssh_as(&agent, "jenkins", &key2).as_deref(), Some("jenkins"));
     moto.put_parameter(param, &pub2, true);
-    let took = wait_for_file(
-        &agent,
-        "/home/jenkins/.ssh/authorized_keys",
-        &pub2,
-        Duration::from_secs(60),
-    );
+    let took = wait_for_file(&agent, keys, &pub2, Duration::from_secs(60));
     eprintln!("images: rotated key in place {took:.1?} after the parameter changed");
     assert_eq!(ssh_as(&agent, "jenkins", &key2).as_deref(), Some("jenkins"));
     assert_eq!(
@@ -705,10 +705,7 @@ fn images_agent_accepts_the_controller_key_from_ssm_and_follows_its_rotation() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    assert_eq!(
-        agent.exec_ok("cat /home/jenkins/.ssh/authorized_keys"),
-        pub2
-    );
+    assert_eq!(agent.exec_ok(&format!("cat {keys}")), pub2);
     eprintln!("images: agent test in {:.1?}", total.elapsed());
 }
 

@@ -14,5 +14,6 @@ mod install;
 mod keys;
 mod prune;
 mod roll;
+mod security;
 mod terraform;
 mod validate;

@@ -412,8 +412,10 @@ fn terraform_contract_jbake_roll_rolls_the_modules_controller() {
     );
 
     // jbake roll, as an IAM user holding exactly the operator policies the iam module attaches.
+    // (As moto can enforce it: the policies' ARN-scoped statements widened to `*`, see
+    // tests/iam.rs's for_moto; the scoping itself is checked there on the documents.)
     let policy = setup["operator_policy"].to_string();
-    let (key, secret) = moto.iam_user(&policy);
+    let (key, secret) = moto.iam_user(&crate::iam::for_moto(&policy));
     moto.enable_iam_auth();
     let jenkins = Jenkins::start(setup["jenkins_version"].as_str().expect("jenkins version"));
     let run = roll(&moto.env_with(&moto.endpoint(), &key, &secret), &jenkins);

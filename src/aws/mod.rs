@@ -108,10 +108,18 @@ pub struct Error {
 
 /// The policies jbake ships, by file name: an authorization failure says which of them allow
 /// the refused action.
-const POLICIES: [(&str, &str); 2] = [
+const POLICIES: [(&str, &str); 4] = [
     (
         "iam/jbake-build-policy.json",
         include_str!("../../iam/jbake-build-policy.json"),
+    ),
+    (
+        "iam/jbake-keys-policy.json",
+        include_str!("../../iam/jbake-keys-policy.json"),
+    ),
+    (
+        "iam/jbake-prune-policy.json",
+        include_str!("../../iam/jbake-prune-policy.json"),
     ),
     (
         "iam/jbake-roll-policy.json",

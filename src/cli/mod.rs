@@ -279,10 +279,17 @@ fn validate(args: ValidateArgs, output: Output) -> Result<(), Failure> {
     )?;
     match output {
         Output::Json => {
-            let v = serde_json::to_string_pretty(&plan)
+            // Rendered commands and file contents may hold secret values: masked before the
+            // plan is serialised (escaped, they could no longer be found), and after.
+            let secrets = plan.secrets();
+            let print = || {
+                let mut value = serde_json::to_value(&plan)?;
+                crate::util::mask_json(&mut value, &secrets);
+                serde_json::to_string_pretty(&value)
+            };
+            let v = print()
                 .map_err(|e| Failure::Runtime(anyhow::anyhow!("cannot print the plan: {e}")))?;
-            // Rendered commands and file contents may hold secret values.
-            println!("{}", crate::util::mask(&v, &plan.secrets()));
+            println!("{}", crate::util::mask(&v, &secrets));
         }
         Output::Text => print!("{}", recipe::format_plan(&plan)),
     }

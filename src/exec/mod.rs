@@ -333,7 +333,8 @@ impl<'p> Executor<'p> {
     fn failed(&self, step: &Step, detail: String, tail: Vec<String>) -> Error {
         Error::StepFailed {
             origin: step.origin.clone(),
-            label: step_label(step),
+            // A step's name may be rendered from a secret variable.
+            label: mask(&step_label(step), &self.secrets),
             host: self.host_label.clone(),
             detail,
             tail: tail.iter().map(|l| mask(l, &self.secrets)).collect(),

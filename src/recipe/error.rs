@@ -15,6 +15,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The file is not something jbake reads as text (a folder, a device, too large, not UTF-8).
+    #[error("{}: {problem}", path.display())]
+    File { path: PathBuf, problem: FileProblem },
     /// The file is not valid YAML.
     #[error("{origin}: YAML syntax error: {message}")]
     Syntax { origin: Origin, message: String },
@@ -26,6 +29,19 @@ pub enum Error {
         field: String,
         message: String,
     },
+}
+
+/// Why a file given as a recipe, an include, a var file or a template cannot be read as one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FileProblem {
+    #[error("is a directory, not a file")]
+    Directory,
+    #[error("is not a regular file (a device, a FIFO or a socket): give a file")]
+    NotRegular,
+    #[error("is {size} bytes; more than the {limit} bytes jbake reads from a recipe, an include, a var file or a template")]
+    TooLarge { size: u64, limit: u64 },
+    #[error("is not UTF-8 text (invalid byte at offset {offset})")]
+    NotUtf8 { offset: usize },
 }
 
 fn field_prefix(field: &str) -> String {
@@ -41,7 +57,7 @@ impl Error {
     pub fn location(&self) -> Option<&Origin> {
         match self {
             Error::Syntax { origin, .. } | Error::Invalid { origin, .. } => Some(origin),
-            Error::Io { .. } => None,
+            Error::Io { .. } | Error::File { .. } => None,
         }
     }
 

@@ -96,10 +96,7 @@ fn expand_file(file: &Path, body: StepFile, ctx: &mut Ctx) -> Result<Expanded, E
             chain.push(relative(&joined, &ctx.root));
             return Err(inc.err(format!("include cycle: {}", chain.join(" → "))));
         }
-        let text = std::fs::read_to_string(&joined).map_err(|source| Error::Io {
-            path: joined.clone(),
-            source,
-        })?;
+        let text = super::read_text(&joined)?;
         let node = yaml::parse(&text, &joined)?;
         let included = model::decode_included(&node)?;
         ctx.stack.push((canonical, joined.clone()));

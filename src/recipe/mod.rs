@@ -10,6 +10,7 @@ mod include;
 mod model;
 pub mod plan;
 mod render;
+mod shell;
 mod values;
 mod vars;
 mod yaml;
@@ -20,7 +21,7 @@ mod tests;
 use std::path::{Path, PathBuf};
 
 pub use display::format_plan;
-pub use error::Error;
+pub use error::{Error, FileProblem};
 pub use plan::*;
 pub use values::{format_duration, parse_duration, parse_var_arg};
 
@@ -45,16 +46,21 @@ pub struct LoadOptions {
 
 /// Load a recipe: parse → includes → variables → validate → render.
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<Plan, Error> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = read_text(path)?;
     let root = yaml::parse(&text, path)?;
     let mut recipe = model::decode_recipe(&root)?;
     let body = std::mem::take(&mut recipe.body);
     let expanded = include::expand(path, body)?;
     let resolved = vars::resolve(&recipe, opts)?;
-    let renderer = render::Renderer::new(&resolved.context, &resolved.unset, path);
+    let secret_values: Vec<String> = resolved
+        .list
+        .iter()
+        .filter(|v| v.secret && !v.value.is_empty())
+        .map(|v| v.value.clone())
+        .collect();
+    // From here on any error may be printed: the final error line masks what is registered.
+    crate::util::register_secrets(&secret_values);
+    let renderer = render::Renderer::new(&resolved.context, &resolved.unset, &secret_values, path);
     let mut steps = Vec::with_capacity(expanded.steps.len());
     for (i, raw) in expanded.steps.iter().enumerate() {
         steps.push(renderer.step(raw, i + 1)?);
@@ -95,5 +101,59 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Plan, Error> {
         tags,
         steps,
         validate,
+    })
+}
+
+/// The most jbake reads from one recipe, include, var file or template: recipes are small text
+/// files, and a larger one is a mistake (or an attack on the machine that validates it).
+pub const MAX_FILE_BYTES: u64 = 8 * 1024 * 1024;
+
+/// Reads a regular file of at most [`MAX_FILE_BYTES`] as bytes: a folder, a device or a FIFO
+/// is refused before it is opened for reading (a device could never end, a FIFO could block).
+pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>, Error> {
+    use std::io::Read;
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let problem = |problem| Error::File {
+        path: path.to_path_buf(),
+        problem,
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if meta.is_dir() {
+        return Err(problem(FileProblem::Directory));
+    }
+    if !meta.is_file() {
+        return Err(problem(FileProblem::NotRegular));
+    }
+    let too_large = |size| {
+        problem(FileProblem::TooLarge {
+            size,
+            limit: MAX_FILE_BYTES,
+        })
+    };
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(too_large(meta.len()));
+    }
+    let file = std::fs::File::open(path).map_err(io)?;
+    // The file may have grown since: never read more than the limit.
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
+/// [`read_file`] as UTF-8 text.
+pub(crate) fn read_text(path: &Path) -> Result<String, Error> {
+    String::from_utf8(read_file(path)?).map_err(|e| Error::File {
+        path: path.to_path_buf(),
+        problem: FileProblem::NotUtf8 {
+            offset: e.utf8_error().valid_up_to(),
+        },
     })
 }

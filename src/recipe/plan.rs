@@ -183,16 +183,17 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Values that must never be shown (secret variables), longest first, for masking output.
+    /// What must never be shown, for masking output: the values of secret variables in every
+    /// form they can be printed in (each line of a multi-line value, JSON- and shell-escaped:
+    /// [`crate::util::secret_forms`]), longest first.
     pub fn secrets(&self) -> Vec<String> {
-        let mut s: Vec<String> = self
+        let values: Vec<String> = self
             .vars
             .iter()
             .filter(|v| v.secret && !v.value.is_empty())
             .map(|v| v.value.clone())
             .collect();
-        s.sort_by_key(|v| std::cmp::Reverse(v.len()));
-        s
+        crate::util::secret_forms(&values)
     }
 
     /// Steps then validate, in the order they run.

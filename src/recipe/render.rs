@@ -18,8 +18,22 @@
 //! without a build), it renders as a clearly marked placeholder such as `<<base_ami>>`.
 //!
 //! Rules: an undefined variable is an error, never an empty string (declare `default: ""` to allow
-//! an empty value); auto-escaping is off; `trim_blocks` is on and a trailing newline is kept
-//! (so uploaded templates end the way the file does).
+//! an empty value); `trim_blocks` is on and a trailing newline is kept (so uploaded templates end
+//! the way the file does).
+//!
+//! # Quoting
+//!
+//! In a `run:` script every `{{ expression }}` is quoted for the POSIX shell (an auto-escape
+//! named `sh`): `{{ home }}` renders `/var/lib/jenkins` as it is and `a b;c` as `'a b;c'`,
+//! one word whatever the value holds. A list is quoted item by item, so
+//! `{{ packages | split }}` gives one word per package. Where a quoted value would not be one
+//! plain word (inside quotes, backquotes, a comment, a here-document) the template is refused
+//! ([`super::shell`]). `{{ x | safe }}` opts out: the value is inserted as it is.
+//!
+//! Everywhere else (`file:` content, `line:`, uploaded templates, names, paths, tags) values are
+//! data and are not quoted; an uploaded template that is a shell script quotes with the `sh`
+//! filter (`home={{ jenkins_home | sh }}`, also called `shell_quote`). `regex_escape` makes a
+//! value match itself literally in a `regexp:`.
 //!
 //! All variable values are strings (`default: false` becomes `"false"`). A `when:` whose result
 //! is a string is read as a boolean the way Ansible users expect: `true/yes/on/1` and
@@ -29,13 +43,21 @@
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
-use minijinja::{AutoEscape, Environment, UndefinedBehavior};
+use minijinja::value::{Value, ValueKind};
+use minijinja::{AutoEscape, Environment, Output, State, UndefinedBehavior};
 
 use super::error::{did_you_mean, Error};
 use super::include::normalize;
 use super::model::{one_line, RawAction, RawAttrs, RawStep, Spanned};
 use super::plan::{Action, FileAttrs, Origin, Step};
+use super::shell::check_placement;
 use super::values::check_user;
+use crate::util::shell_quote;
+
+/// The template name of `run:` scripts: they are auto-escaped for the shell.
+const RUN_TEMPLATE: &str = "run:";
+/// The auto-escape of `run:` scripts.
+const SH: AutoEscape = AutoEscape::Custom("sh");
 
 /// minijinja's global functions: not variables.
 const GLOBALS: &[&str] = &[
@@ -52,6 +74,8 @@ pub(crate) struct Renderer<'a> {
     env: Environment<'static>,
     context: &'a BTreeMap<String, String>,
     unset: &'a [String],
+    /// Secret values in all their forms: never quoted in an error.
+    secrets: Vec<String>,
     /// The top-level recipe's folder (upload sources are also looked up there).
     top_dir: PathBuf,
 }
@@ -92,17 +116,29 @@ impl<'a> Renderer<'a> {
     pub fn new(
         context: &'a BTreeMap<String, String>,
         unset: &'a [String],
+        secret_values: &[String],
         top_file: &Path,
     ) -> Self {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
-        env.set_auto_escape_callback(|_| AutoEscape::None);
+        env.set_auto_escape_callback(|name| {
+            if name == RUN_TEMPLATE {
+                SH
+            } else {
+                AutoEscape::None
+            }
+        });
+        env.set_formatter(format_value);
+        env.add_filter("sh", sh_filter);
+        env.add_filter("shell_quote", sh_filter);
+        env.add_filter("regex_escape", |v: String| regex::escape(&v));
         env.set_keep_trailing_newline(true);
         env.set_trim_blocks(true);
         Renderer {
             env,
             context,
             unset,
+            secrets: crate::util::secret_forms(secret_values),
             top_dir: top_file.parent().unwrap_or(Path::new("")).to_path_buf(),
         }
     }
@@ -146,17 +182,22 @@ impl<'a> Renderer<'a> {
             Some(d) => format!("{what}: {d}"),
             None => what,
         };
+        // A template error may quote a value.
+        let msg = crate::util::mask(&msg, &self.secrets);
         place.err(e.line().unwrap_or(1), 1, msg)
     }
 
-    fn render_at(&self, source: &str, place: &Place<'_>) -> Result<String, Error> {
+    fn render_at(&self, source: &str, place: &Place<'_>, shell: bool) -> Result<String, Error> {
         if !source.contains("{{") && !source.contains("{%") && !source.contains("{#") {
             return Ok(source.to_string());
         }
-        let tmpl = self
-            .env
-            .template_from_str(source)
-            .map_err(|e| self.jinja_error(place, &e))?;
+        let tmpl = if shell {
+            check_placement(source).map_err(|m| place.err(m.line, m.column, m.message()))?;
+            self.env.template_from_named_str(RUN_TEMPLATE, source)
+        } else {
+            self.env.template_from_str(source)
+        }
+        .map_err(|e| self.jinja_error(place, &e))?;
         if let Some((name, line, col)) =
             self.first_undefined(source, tmpl.undeclared_variables(false))
         {
@@ -167,7 +208,12 @@ impl<'a> Renderer<'a> {
     }
 
     pub fn render(&self, s: &Spanned) -> Result<String, Error> {
-        self.render_at(&s.value, &Place::Value(s))
+        self.render_at(&s.value, &Place::Value(s), false)
+    }
+
+    /// A `run:` script: every expression is quoted for the shell.
+    pub fn render_shell(&self, s: &Spanned) -> Result<String, Error> {
+        self.render_at(&s.value, &Place::Value(s), true)
     }
 
     /// Evaluate a `when:` expression.
@@ -190,6 +236,11 @@ impl<'a> Renderer<'a> {
             Some(text) => match text.trim().to_ascii_lowercase().as_str() {
                 "true" | "yes" | "on" | "1" => Ok(true),
                 "false" | "no" | "off" | "0" | "" => Ok(false),
+                _ if self.secrets.iter().any(|x| text.contains(x.as_str())) => Err(s.err(format!(
+                    "when: {:?} evaluates to a string that is not a boolean (the value of a \
+                     secret variable, not shown; write a comparison)",
+                    s.value
+                ))),
                 _ => Err(s.err(format!(
                     "when: {:?} evaluates to the string {text:?}, which is not a boolean \
                      (write a comparison, e.g. `x == \"{text}\"`)",
@@ -217,7 +268,7 @@ impl<'a> Renderer<'a> {
     pub fn step(&self, raw: &RawStep, number: usize) -> Result<Step, Error> {
         let action = match &raw.action {
             RawAction::Run(s) => Action::Run {
-                script: self.render(s)?,
+                script: self.render_shell(s)?,
             },
             RawAction::Line {
                 path,
@@ -260,10 +311,7 @@ impl<'a> Renderer<'a> {
                             path.display()
                         )));
                     }
-                    let bytes = std::fs::read(&path).map_err(|source| Error::Io {
-                        path: path.clone(),
-                        source,
-                    })?;
+                    let bytes = super::read_file(&path)?;
                     let text = String::from_utf8(bytes).map_err(|_| {
                         src.err(format!(
                             "{} is not UTF-8 text, so it cannot be a template",
@@ -277,6 +325,7 @@ impl<'a> Renderer<'a> {
                             path: &path,
                             field: &field,
                         },
+                        false,
                     )?;
                     Some(out.into_bytes())
                 } else {
@@ -354,6 +403,12 @@ impl<'a> Renderer<'a> {
         for d in &dirs {
             let p = d.join(rel);
             if p.exists() {
+                if let Some(special) = special_file(&p, 0) {
+                    return Err(src.err(format!(
+                        "{} is not a regular file or folder (a device, a FIFO or a socket): it cannot be uploaded",
+                        special.display()
+                    )));
+                }
                 return Ok(p);
             }
             tried.push(p.display().to_string());
@@ -363,6 +418,55 @@ impl<'a> Renderer<'a> {
             tried.join(", ")
         )))
     }
+}
+
+/// The first thing at or below `path` (symlinks followed, 32 levels at most) that is neither
+/// a regular file nor a folder: uploading a device or a FIFO would never end.
+fn special_file(path: &Path, depth: usize) -> Option<PathBuf> {
+    let meta = std::fs::metadata(path).ok()?;
+    if meta.is_file() {
+        return None;
+    }
+    if !meta.is_dir() {
+        return Some(path.to_path_buf());
+    }
+    if depth >= 32 {
+        return None;
+    }
+    let entries = std::fs::read_dir(path).ok()?;
+    entries
+        .filter_map(Result::ok)
+        .find_map(|e| special_file(&e.path(), depth + 1))
+}
+
+/// Prints a value: quoted for the shell in `run:` scripts (a list item by item, separated by
+/// spaces; a value marked `safe` as it is), as minijinja does everywhere else.
+fn format_value(out: &mut Output, state: &State, value: &Value) -> Result<(), minijinja::Error> {
+    if state.auto_escape() != SH {
+        return minijinja::escape_formatter(out, state, value);
+    }
+    let text = if value.is_safe() {
+        value.to_string()
+    } else if matches!(value.kind(), ValueKind::Seq | ValueKind::Iterable) {
+        let mut words = Vec::new();
+        for item in value.try_iter()? {
+            words.push(if item.is_safe() {
+                item.to_string()
+            } else {
+                shell_quote(&item.to_string())
+            });
+        }
+        words.join(" ")
+    } else {
+        shell_quote(&value.to_string())
+    };
+    out.write_str(&text).map_err(minijinja::Error::from)
+}
+
+/// `{{ x | sh }}`: the value quoted for the shell (and marked safe, so a `run:` script does
+/// not quote it twice).
+fn sh_filter(value: &Value) -> Value {
+    Value::from_safe_string(shell_quote(&value.to_string()))
 }
 
 /// Byte offset of `word` used as an identifier in `source`.

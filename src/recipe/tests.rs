@@ -219,7 +219,7 @@ fn builtins_and_placeholders() {
     assert_eq!(
         plan.steps[0].action,
         Action::Run {
-            script: "echo hello from <<base_ami>>".into()
+            script: "echo hello from '<<base_ami>>'".into()
         }
     );
     let mut o = opts(&[]);

@@ -94,10 +94,7 @@ pub(crate) fn resolve(recipe: &RawRecipe, opts: &LoadOptions) -> Result<Resolved
     };
 
     for file in &opts.var_files {
-        let text = std::fs::read_to_string(file).map_err(|source| Error::Io {
-            path: file.clone(),
-            source,
-        })?;
+        let text = super::read_text(file)?;
         let root = yaml::parse(&text, file)?;
         if root.value == yaml::Value::Null {
             continue;

@@ -179,7 +179,20 @@ impl<'a> Map<'a> {
     }
 }
 
+/// How many values (scalars, lists and mappings) a document may hold once its aliases are
+/// expanded. A recipe has a few hundred; the "billion laughs" (10 aliases × 9 levels) has 10⁹.
+pub(crate) const MAX_VALUES: usize = 100_000;
+/// How many bytes of scalars a document may hold once its aliases are expanded.
+pub(crate) const MAX_EXPANDED_BYTES: usize = 16 * 1024 * 1024;
+/// How deeply lists and mappings may nest (a recipe needs about 6 levels).
+pub(crate) const MAX_DEPTH: usize = 64;
+
 /// Parse one YAML document. An empty document is `Null`.
+///
+/// Hostile input is refused with a located error, never with unbounded memory or a crash:
+/// aliases are expanded only up to [`MAX_VALUES`] values and [`MAX_EXPANDED_BYTES`] bytes,
+/// nesting stops at [`MAX_DEPTH`], and a NUL character in a value is refused (no shell, file
+/// or C string carries it).
 pub(crate) fn parse(text: &str, file: &Path) -> Result<Node, Error> {
     let file: Arc<Path> = Arc::from(file);
     let mut builder = Builder {
@@ -188,6 +201,8 @@ pub(crate) fn parse(text: &str, file: &Path) -> Result<Node, Error> {
         anchors: HashMap::new(),
         root: None,
         docs: 0,
+        values: 0,
+        bytes: 0,
     };
     let mut parser = Parser::new_from_str(text);
     for ev in &mut parser {
@@ -210,18 +225,37 @@ pub(crate) fn parse(text: &str, file: &Path) -> Result<Node, Error> {
     }))
 }
 
+/// The size of a subtree once expanded: values and scalar bytes.
+#[derive(Debug, Clone, Copy, Default)]
+struct Size {
+    values: usize,
+    bytes: usize,
+}
+
+impl Size {
+    fn add(&mut self, other: Size) {
+        self.values = self.values.saturating_add(other.values);
+        self.bytes = self.bytes.saturating_add(other.bytes);
+    }
+}
+
 enum Frame {
-    Seq(Node, usize),
-    /// The mapping node, its anchor, and a pending key.
-    Map(Node, usize, Option<Node>),
+    /// The list node, its anchor, and its size so far.
+    Seq(Node, usize, Size),
+    /// The mapping node, its anchor, its size so far, and a pending key.
+    Map(Node, usize, Size, Option<Node>),
 }
 
 struct Builder {
     file: Arc<Path>,
     stack: Vec<Frame>,
-    anchors: HashMap<usize, Node>,
+    /// Anchored nodes with their expanded size.
+    anchors: HashMap<usize, (Node, Size)>,
     root: Option<Node>,
     docs: usize,
+    /// Values and scalar bytes of the whole document so far, aliases expanded.
+    values: usize,
+    bytes: usize,
 }
 
 impl Builder {
@@ -249,90 +283,148 @@ impl Builder {
                 }
             }
             Event::Scalar(s, style, anchor, tag) => {
+                if let Some(at) = s.find('\0') {
+                    let mut n = self.node(Value::Null, String::new(), span);
+                    if !s[..at].contains('\n') {
+                        n.column += s[..at].chars().count();
+                    }
+                    return Err(Error::Syntax {
+                        origin: n.origin(),
+                        message: "a NUL character (\\0) in a value; recipes and var files are text"
+                            .into(),
+                    });
+                }
                 let value = if style == ScalarStyle::Plain && tag.is_none() {
                     resolve_plain(&s)
                 } else {
                     Value::Str(s.to_string())
                 };
                 let node = self.node(value, s.to_string(), span);
+                let size = Size {
+                    values: 1,
+                    bytes: s.len(),
+                };
+                self.count(size, &node)?;
                 if anchor > 0 {
-                    self.anchors.insert(anchor, node.clone());
+                    self.anchors.insert(anchor, (node.clone(), size));
                 }
-                self.push(node)?;
+                self.push(node, size)?;
             }
             Event::Alias(id) => {
-                let mut node = match self.anchors.get(&id) {
-                    Some(n) => n.clone(),
-                    None => {
-                        let n = self.node(Value::Null, String::new(), span);
-                        return Err(Error::Syntax {
-                            origin: n.origin(),
-                            message: "unknown alias".into(),
-                        });
-                    }
+                let at = self.node(Value::Null, String::new(), span);
+                let Some(size) = self.anchors.get(&id).map(|(_, size)| *size) else {
+                    return Err(Error::Syntax {
+                        origin: at.origin(),
+                        message: "unknown alias".into(),
+                    });
                 };
-                node.line = span.start.line();
-                node.column = span.start.col() + 1;
-                self.push(node)?;
+                // Counted before it is copied: an alias bomb stops here, not after the copy.
+                self.count(size, &at)?;
+                let Some(mut node) = self.anchors.get(&id).map(|(n, _)| n.clone()) else {
+                    return Ok(());
+                };
+                node.line = at.line;
+                node.column = at.column;
+                self.push(node, size)?;
             }
-            Event::SequenceStart(anchor, _) => {
-                let n = self.node(Value::Seq(Vec::new()), String::new(), span);
-                self.stack.push(Frame::Seq(n, anchor));
-            }
-            Event::MappingStart(anchor, _) => {
-                let n = self.node(Value::Map(Vec::new()), String::new(), span);
-                self.stack.push(Frame::Map(n, anchor, None));
+            Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
+                let is_seq = matches!(ev, Event::SequenceStart(..));
+                let n = if is_seq {
+                    self.node(Value::Seq(Vec::new()), String::new(), span)
+                } else {
+                    self.node(Value::Map(Vec::new()), String::new(), span)
+                };
+                if self.stack.len() >= MAX_DEPTH {
+                    return Err(Error::Syntax {
+                        origin: n.origin(),
+                        message: format!(
+                            "lists and mappings nested more than {MAX_DEPTH} levels deep; a recipe needs far fewer"
+                        ),
+                    });
+                }
+                let size = Size {
+                    values: 1,
+                    bytes: 0,
+                };
+                self.count(size, &n)?;
+                self.stack.push(if is_seq {
+                    Frame::Seq(n, anchor, size)
+                } else {
+                    Frame::Map(n, anchor, size, None)
+                });
             }
             Event::SequenceEnd | Event::MappingEnd => {
-                let (node, anchor) = match self.stack.pop() {
-                    Some(Frame::Seq(n, a)) | Some(Frame::Map(n, a, _)) => (n, a),
+                let (node, anchor, size) = match self.stack.pop() {
+                    Some(Frame::Seq(n, a, s)) | Some(Frame::Map(n, a, s, _)) => (n, a, s),
                     None => return Ok(()),
                 };
                 if anchor > 0 {
-                    self.anchors.insert(anchor, node.clone());
+                    self.anchors.insert(anchor, (node.clone(), size));
                 }
-                self.push(node)?;
+                self.push(node, size)?;
             }
             Event::StreamStart | Event::StreamEnd | Event::DocumentEnd | Event::Nothing => {}
         }
         Ok(())
     }
 
-    fn push(&mut self, node: Node) -> Result<(), Error> {
+    /// Adds `size` to the document's total; refuses a document that grows past the limits.
+    fn count(&mut self, size: Size, at: &Node) -> Result<(), Error> {
+        self.values = self.values.saturating_add(size.values);
+        self.bytes = self.bytes.saturating_add(size.bytes);
+        if self.values > MAX_VALUES || self.bytes > MAX_EXPANDED_BYTES {
+            return Err(Error::Syntax {
+                origin: at.origin(),
+                message: format!(
+                    "the document expands to more than {MAX_VALUES} values or {} MiB (aliases \
+                     repeating anchors, a \"billion laughs\"?); a recipe or var file is far smaller",
+                    MAX_EXPANDED_BYTES / (1024 * 1024)
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, node: Node, size: Size) -> Result<(), Error> {
         match self.stack.last_mut() {
             None => self.root = Some(node),
-            Some(Frame::Seq(seq, _)) => {
+            Some(Frame::Seq(seq, _, total)) => {
+                total.add(size);
                 if let Value::Seq(items) = &mut seq.value {
                     items.push(node);
                 }
             }
-            Some(Frame::Map(map, _, pending)) => match pending.take() {
-                None => {
-                    if let Value::Map(entries) = &map.value {
-                        if let Some((first, _)) =
-                            entries.iter().find(|(k, _)| k.value == node.value)
-                        {
-                            let what = match &node.value {
-                                Value::Str(s) => format!("'{s}'"),
-                                _ => format!("'{}'", node.raw),
-                            };
-                            return Err(node.err(
-                                "",
-                                format!(
-                                    "duplicate key {what} (first written at line {})",
-                                    first.line
-                                ),
-                            ));
+            Some(Frame::Map(map, _, total, pending)) => {
+                total.add(size);
+                let key = pending.take();
+                match key {
+                    None => {
+                        if let Value::Map(entries) = &map.value {
+                            if let Some((first, _)) =
+                                entries.iter().find(|(k, _)| k.value == node.value)
+                            {
+                                let what = match &node.value {
+                                    Value::Str(s) => format!("'{s}'"),
+                                    _ => format!("'{}'", node.raw),
+                                };
+                                return Err(node.err(
+                                    "",
+                                    format!(
+                                        "duplicate key {what} (first written at line {})",
+                                        first.line
+                                    ),
+                                ));
+                            }
+                        }
+                        *pending = Some(node);
+                    }
+                    Some(key) => {
+                        if let Value::Map(entries) = &mut map.value {
+                            entries.push((key, node));
                         }
                     }
-                    *pending = Some(node);
                 }
-                Some(key) => {
-                    if let Value::Map(entries) = &mut map.value {
-                        entries.push((key, node));
-                    }
-                }
-            },
+            }
         }
         Ok(())
     }
@@ -411,6 +503,58 @@ mod tests {
         let e = p("a: [1, 2\nb: 3\n").unwrap_err();
         assert!(e.location().is_some());
         assert!(e.to_string().starts_with("t.yaml:"), "{e}");
+    }
+
+    /// 10 aliases × 9 levels: 10⁹ strings once expanded.
+    fn billion_laughs() -> String {
+        let mut doc = String::from("a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n");
+        let names = ["a", "b", "c", "d", "e", "f", "g", "h", "i"];
+        for w in names.windows(2) {
+            let refs = vec![format!("*{}", w[0]); 10].join(",");
+            doc.push_str(&format!("{}: &{} [{refs}]\n", w[1], w[1]));
+        }
+        doc
+    }
+
+    #[test]
+    fn alias_expansion_is_bounded() {
+        let e = p(&billion_laughs()).unwrap_err().to_string();
+        assert!(
+            e.starts_with("t.yaml:") && e.contains("expands to more than 100000 values"),
+            "{e}"
+        );
+        // Aliases used the way people use them still work.
+        let n = p("base: &b { x: 1 }\nuse: *b\n").unwrap();
+        let m = n.map("", &[]).unwrap();
+        assert_eq!(
+            m.get("use")
+                .unwrap()
+                .map("", &[])
+                .unwrap()
+                .get("x")
+                .unwrap()
+                .value,
+            Value::Int(1)
+        );
+        // A big scalar repeated: bounded by bytes, not only by count.
+        let big = "x".repeat(1024 * 1024);
+        let doc = format!("a: &a \"{big}\"\nb: [{}]\n", vec!["*a"; 20].join(","));
+        let e = p(&doc).unwrap_err().to_string();
+        assert!(e.contains("MiB"), "{e}");
+    }
+
+    #[test]
+    fn deep_nesting_and_nul_are_refused() {
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let e = p(&deep).unwrap_err().to_string();
+        assert!(e.contains("nested more than 64 levels"), "{e}");
+        let block: String = (0..100)
+            .map(|i| format!("{}k:\n", "  ".repeat(i)))
+            .collect();
+        let e = p(&block).unwrap_err().to_string();
+        assert!(e.contains("nested more than 64 levels"), "{e}");
+        let e = p("a: \"x\\0y\"\n").unwrap_err().to_string();
+        assert!(e.starts_with("t.yaml:1:") && e.contains("NUL"), "{e}");
     }
 
     #[test]

@@ -28,11 +28,17 @@ use crate::util::shell_quote;
 ///   (uploads). `head -c` reads exactly LEN bytes and `read` reads byte by byte, so a payload never
 ///   swallows the next request.
 /// - `q`: quit.
+///
+/// Scripts (with their `export SECRET=…`) and uploaded data are written under `$JBAKE_TMP`, a
+/// folder of mode 0700 in `/run` (a tmpfs: nothing reaches the disk, so nothing is left in an
+/// image), as files of mode 0600 (umask 077). The step itself runs with umask 022. A `user:`
+/// step reads its script, made its own, through file descriptor 3 (`sh /dev/fd/3`), so the
+/// folder never has to be opened to other users.
 const BROKER: &str = r#"m=$1
-umask 022
-JBAKE_TMP=$(mktemp -d /tmp/.jbake.XXXXXXXX) || exit 90
+umask 077
+JBAKE_TMP=$(mktemp -d /run/.jbake.XXXXXXXX 2>/dev/null || mktemp -d /tmp/.jbake.XXXXXXXX) || exit 90
 export JBAKE_TMP
-chmod 711 "$JBAKE_TMP"
+chmod 700 "$JBAKE_TMP"
 trap 'rm -rf "$JBAKE_TMP"' EXIT HUP TERM
 export HOME=/root
 export DEBIAN_FRONTEND=noninteractive
@@ -42,19 +48,21 @@ printf '%s ready %s %s\n' "$m" "$(id -u)" "$$"
 while IFS=' ' read -r op a b; do
   case $op in
   x)
+    umask 077
     while IFS= read -r l; do
       [ "$l" = "$m" ] && break
       printf '%s\n' "$l"
     done > "$JBAKE_TMP/s"
     if [ "$b" != - ]; then
       chown "$b" "$JBAKE_TMP/s" 2>/dev/null
-      set -- su -s /bin/sh -c "exec sh $JBAKE_TMP/s" "$b"
+      set -- su -s /bin/sh -c 'exec sh /dev/fd/3' "$b"
     else
       set -- sh "$JBAKE_TMP/s"
     fi
-    timeout -k 10 "$a" "$@" </dev/null; rc=$?
+    umask 022
+    timeout -k 10 "$a" "$@" </dev/null 3<"$JBAKE_TMP/s"; rc=$?
     ;;
-  w) head -c "$a" > "$JBAKE_TMP/data"; rc=$? ;;
+  w) umask 077; head -c "$a" > "$JBAKE_TMP/data"; rc=$? ;;
   q) exit 0 ;;
   *) rc=92 ;;
   esac

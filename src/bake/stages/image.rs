@@ -23,9 +23,6 @@ pub struct Imaged {
     pub name: String,
     pub version: String,
     pub entry: Entry,
-    pub snapshots: Vec<String>,
-    /// The tags its snapshots carry.
-    pub snapshot_tags: Tags,
 }
 
 pub async fn image(b: &mut Bake, r: &Resolved, launched: &Launched) -> Result<Imaged, Error> {
@@ -124,7 +121,7 @@ pub async fn image(b: &mut Bake, r: &Resolved, launched: &Launched) -> Result<Im
     });
     let created = Instant::now();
     let (aws, ledger, id_ref) = (&b.aws, &b.ledger, id.as_str());
-    let available = wait_for(
+    wait_for(
         &b.progress,
         &format!("image {id} to be available"),
         b.opts.image_timeout,
@@ -138,7 +135,7 @@ pub async fn image(b: &mut Bake, r: &Resolved, launched: &Launched) -> Result<Im
             };
             ledger.seen(entry);
             Ok::<_, aws::Error>(if ec2::image_available(&img.state) {
-                wait::Poll::Ready(Ok(img))
+                wait::Poll::Ready(Ok(()))
             } else if ec2::image_failed(&img.state) {
                 wait::Poll::Ready(Err(img.state))
             } else {
@@ -151,7 +148,6 @@ pub async fn image(b: &mut Bake, r: &Resolved, launched: &Launched) -> Result<Im
         id: id.clone(),
         state,
     })?;
-    let (_, snapshot_tags) = image_tags(r, &name, &version, &expires);
     settle(
         &b.progress,
         &format!("image {id} to take IMDSv2 only"),
@@ -171,8 +167,6 @@ pub async fn image(b: &mut Bake, r: &Resolved, launched: &Launched) -> Result<Im
         name,
         version,
         entry,
-        snapshots: available.snapshots,
-        snapshot_tags,
     })
 }
 
@@ -244,13 +238,9 @@ async fn own_image_named(
         .map(|i| i.id))
 }
 
-/// Marks the image complete (its snapshots' tags made sure of first: an endpoint that ignored
-/// the snapshot TagSpecification gets them now). From here it is the build's result.
+/// Marks the image complete: from here it is the build's result. The only tag jbake writes after
+/// creation (the build policy allows no other: everything else is tagged at creation).
 pub async fn tag(b: &mut Bake, r: &Resolved, imaged: &Imaged) -> Result<Built, Error> {
-    b.aws
-        .ec2
-        .create_tags(&imaged.snapshots, &imaged.snapshot_tags)
-        .await?;
     b.aws
         .ec2
         .create_tags(
