@@ -968,6 +968,19 @@ pub(crate) fn follow(child: &mut Child) -> (mpsc::Receiver<String>, String) {
     (rx, id)
 }
 
+/// The first line containing `needle` (within 2 minutes).
+fn line_with(lines: &mpsc::Receiver<String>, needle: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while std::time::Instant::now() < deadline {
+        match lines.recv_timeout(Duration::from_secs(1)) {
+            Ok(l) if l.contains(needle) => return l,
+            Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    panic!("the build never printed {needle:?}");
+}
+
 pub(crate) fn wait_for_line(lines: &mpsc::Receiver<String>, needle: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while std::time::Instant::now() < deadline {
@@ -1186,11 +1199,11 @@ fn ec2_not_knowing_what_it_just_made_is_waited_for() {
 
 #[test]
 fn snapshots_are_tagged_at_creation_and_no_path_leaks_one() {
-    // The image (and its snapshots) stay pending for 12 s, without block device mappings: only
+    // The image (and its snapshots) stay pending for 20 s, without block device mappings: only
     // the build's tag tells which snapshots are its.
     let Some(w) = world(
         "build-snap",
-        r#"{"pending_until_ready": true, "image_pending_s": 12}"#,
+        r#"{"pending_until_ready": true, "image_pending_s": 20}"#,
     ) else {
         return;
     };
@@ -1319,28 +1332,30 @@ fn the_image_number_is_confirmed_at_create_image_time() {
     let Some(w) = world("build-number", BOOTS_LIKE_EC2) else {
         return;
     };
-    let mut child = spawn(w.build(
-        "steps:\n  - name: Mark the image\n    file: { path: /etc/jbake-built, content: \"{{ version }}\\n\" }\n\
-         \x20 - name: slow\n    run: sleep 3\n",
-    ));
+    // jbake's CreateImage waits in the proxy until the test lets it go.
+    w.proxy
+        .set(r#"[{"action": "CreateImage", "hold": "create-image", "times": 1}]"#);
+    let mut child = spawn(w.build(ONE_STEP));
     let (lines, id) = follow(&mut child);
-    // The version this build planned, reserved on its key pair (its first resource)...
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let planned = loop {
-        let reserved = w
-            .moto
-            .resources(REGION)
-            .key_pairs
-            .into_iter()
-            .find(|k| k.tags.get("jbake:build-id") == Some(&id))
-            .and_then(|k| k.tags.get("jbake:version").cloned());
-        if let Some(v) = reserved {
-            break v;
-        }
-        assert!(std::time::Instant::now() < deadline, "no key pair");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    // ... is taken by another build's image before this one gets to CreateImage.
+    // CreateImage of the version this build planned (and reserved on its key pair)...
+    let line = line_with(&lines, "creating image jbake-test-");
+    let message = serde_json::from_str::<serde_json::Value>(&line).expect("JSON")["message"]
+        .as_str()
+        .expect("message")
+        .to_string();
+    let planned = message
+        .strip_prefix("creating image jbake-test-")
+        .expect("the image's name")
+        .to_string();
+    let reserved = w
+        .moto
+        .resources(REGION)
+        .key_pairs
+        .into_iter()
+        .find(|k| k.tags.get("jbake:build-id") == Some(&id))
+        .and_then(|k| k.tags.get("jbake:version").cloned());
+    assert_eq!(reserved.as_deref(), Some(planned.as_str()));
+    // ... is taken by another build's image while its CreateImage is on the way.
     let taken = w.moto.awsctl(
         "register-image",
         serde_json::json!({
@@ -1349,6 +1364,7 @@ fn the_image_number_is_confirmed_at_create_image_time() {
             "tags": {"jbake:build-id": "20000101-000000-0ther0", "jbake:recipe": "jbake-test", "jbake:complete": "true"},
         }),
     );
+    w.proxy.release("create-image");
     let out = finish(child, lines);
     out.assert_code(0);
     let result = finished(&out);
@@ -1429,7 +1445,7 @@ fn two_builds_of_one_recipe_at_once_both_finish_with_distinct_versions() {
 fn gc_spares_a_build_still_making_its_image() {
     let Some(w) = world(
         "build-busy",
-        r#"{"pending_until_ready": true, "image_pending_s": 15}"#,
+        r#"{"pending_until_ready": true, "image_pending_s": 25}"#,
     ) else {
         return;
     };
@@ -1499,7 +1515,7 @@ fn soak_20_builds_with_random_faults_and_interrupts_leave_nothing() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(n));
         w.proxy.world(&format!(
             r#"{{"seed": {}, "not_found": {}, "hide_s": 1, "pending_until_ready": true,
-                "stopping_s": 1, "shutting_down_s": 1, "group_busy_s": 1, "image_pending_s": 2,
+                "stopping_s": 1, "shutting_down_s": 1, "group_busy_s": 1, "group_in_use": 1, "image_pending_s": 2,
                 "throttle_p": 0.04, "throttle_burst": 2, "lose_p": 0.15,
                 "lose_actions": ["ImportKeyPair", "CreateSecurityGroup", "AuthorizeSecurityGroupIngress",
                     "RunInstances", "StopInstances", "CreateImage", "ModifyImageAttribute", "CreateTags",

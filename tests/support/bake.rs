@@ -126,7 +126,7 @@ pub fn bake_command(
 /// new instances, groups and images NotFound for their first 2 requests and missing from lists
 /// for 1 s; instances `pending` for 2 s and until the cloud-init stand-in served them (report it with
 /// `CloudInit::report_to`), `stopping` and `shutting-down` for 2 s (the group in use meanwhile,
-/// and 1.5 s longer),
+/// 1.5 s longer, and for the first delete after that),
 /// images and their snapshots `pending` for 3 s; every 9th request starts a burst of 2 throttled
 /// answers; the first answer to each create, stop, tag and delete is lost after it took effect
 /// (connection dropped, or HTTP 500).
@@ -140,6 +140,7 @@ pub const REALISTIC: &str = r#"{
     "stopping_s": 2,
     "shutting_down_s": 2,
     "group_busy_s": 1.5,
+    "group_in_use": 1,
     "image_pending_s": 3,
     "throttle_every": 9,
     "throttle_burst": 2,

@@ -13,7 +13,9 @@ A rule: {"action": "CreateImage", "status": 500, "code": "InternalError",
 "after": "RunInstances" (only once that action was seen since the rules were set)}.
 The first rule whose action matches (and has times left) applies: it waits
 delay_ms, then closes the connection without an answer (drop), or answers with an
-EC2-style XML error (status given), or (delay only) forwards.
+EC2-style XML error (status given), or (delay only) forwards. A rule with "hold": KEY
+keeps the request waiting until POST /__fault__/release {"hold": KEY} (at most 60 s), then
+goes on as above: a test does something while the call is on its way, without racing it.
 
 A realistic AWS ("the world", off until set; rules still apply first):
   POST /__fault__/world   JSON object (below) turns it on, `null` turns it off
@@ -34,7 +36,8 @@ EC2 as AWS documents it and moto does not show it, in scaled time (seconds, not 
   "stopping_s": S     `stopping` for S seconds after StopInstances
   "shutting_down_s": S  `shutting-down` for S seconds after TerminateInstances; meanwhile, and
                       "group_busy_s" longer (its network interface lingers), its security group
-                      cannot be deleted (DependencyViolation)
+                      cannot be deleted (DependencyViolation); "group_in_use": N refuses the
+                      first N deletes after that too
   "image_pending_s": S  an image is `pending` for S seconds after CreateImage, without block
                       device mappings; its snapshots (found by "for ami-..." in their
                       description) are `pending` with it
@@ -67,6 +70,7 @@ LOCK = threading.Lock()
 RULES = []
 LOG = []
 SEEN = set()  # actions seen since the rules were last set (for "after")
+HOLDS = {}  # hold key -> threading.Event set by POST /__fault__/release
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
                "proxy-connection", "proxy-authenticate", "proxy-authorization"}
 
@@ -199,7 +203,10 @@ class World:
                 continue
             term = thing.get("term")
             busy = self.f("shutting_down_s") + self.f("group_busy_s")
-            if term is None or now - term < busy:
+            refusals = thing.setdefault("in_use", int(self.cfg.get("group_in_use") or 0))
+            if term is None or now - term < busy or refusals > 0:
+                if term is not None and now - term >= busy:
+                    thing["in_use"] = refusals - 1
                 self.count("dependency")
                 return ("DependencyViolation", f"resource {gid} has a dependent object")
         return None
@@ -392,6 +399,12 @@ class Handler(BaseHTTPRequestHandler):
             with LOCK:
                 READY.add(json.loads(body or b"{}").get("instance_id"))
             self._reply(200, b"ok", "text/plain")
+        elif self.command == "POST" and self.path == "/__fault__/release":
+            key = json.loads(body or b"{}").get("hold")
+            with LOCK:
+                event = HOLDS.setdefault(key, threading.Event())
+            event.set()
+            self._reply(200, b"ok", "text/plain")
         elif self.command == "GET" and self.path == "/__fault__/log":
             with LOCK:
                 text = json.dumps(LOG).encode()
@@ -407,6 +420,10 @@ class Handler(BaseHTTPRequestHandler):
         rule = take_rule(action) if action else None
         with LOCK:
             SEEN.add(action)
+        if rule and rule.get("hold"):
+            with LOCK:
+                event = HOLDS.setdefault(rule["hold"], threading.Event())
+            event.wait(60)
         if rule and rule.get("delay_ms"):
             time.sleep(rule["delay_ms"] / 1000.0)
         injected = bool(rule) and (rule.get("drop") or rule.get("status") is not None)

@@ -692,6 +692,22 @@ impl FaultProxy {
         }
     }
 
+    /// Lets the requests held by rules with `"hold": KEY` go on (and any such request that
+    /// comes later).
+    pub fn release(&self, key: &str) {
+        let body = serde_json::json!({ "hold": key }).to_string();
+        match http(
+            self.port,
+            "POST",
+            "/__fault__/release",
+            "application/json",
+            &body,
+        ) {
+            Ok((200, _)) => {}
+            other => panic!("fault proxy: releasing {key}: {other:?}"),
+        }
+    }
+
     /// Every request seen so far, in order.
     pub fn log(&self) -> Vec<ProxyLogEntry> {
         match http(self.port, "GET", "/__fault__/log", "text/plain", "") {
