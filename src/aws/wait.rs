@@ -98,6 +98,15 @@ mod tests {
         assert_eq!(states, ["pending1", "pending2"]);
     }
 
+    #[test]
+    fn not_found_means_not_yet_for_a_bounded_time() {
+        assert!(not_yet_visible(Instant::now()));
+        if let Some(long_ago) = Instant::now().checked_sub(PROPAGATION + Duration::from_secs(1)) {
+            assert!(!not_yet_visible(long_ago), "then it is gone");
+        }
+        assert!(LOST_ANSWER < PROPAGATION);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn gives_up_at_the_deadline() {
         let r: Result<Result<(), ()>, String> = until(
