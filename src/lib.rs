@@ -3,10 +3,9 @@
 //! The crate is organised by concern: [`recipe`] turns YAML into a validated, rendered [`recipe::Plan`].
 
 pub mod aws;
-pub mod build;
+pub mod bake;
 pub mod cli;
 pub mod exec;
-pub mod gc;
 pub mod keys;
 pub mod manifest;
 pub mod progress;
@@ -16,3 +15,6 @@ pub mod roll;
 pub mod shipped;
 pub mod ssh;
 pub mod util;
+
+/// The bake's old name, for code not moved yet (`crate::build::tags` in src/roll).
+pub use bake as build;

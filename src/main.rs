@@ -20,18 +20,19 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            jbake::progress::err_line(&format!("error: cannot start the async runtime: {e}"));
             return ExitCode::from(1);
         }
     };
     match runtime.block_on(cli::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
-            // Errors can quote what a command printed, rendered or was told: never a secret.
-            eprintln!(
+            // A closed stderr (`jbake … 2>&1 | head`) is not a reason to panic now; errors can
+            // quote what a command printed, rendered or was told: never a secret.
+            jbake::progress::err_line(&format!(
                 "error: {}",
                 jbake::util::mask_registered(&failure.to_string())
-            );
+            ));
             ExitCode::from(failure.exit_code())
         }
     }

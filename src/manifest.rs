@@ -44,27 +44,67 @@ pub enum Error {
     },
 }
 
-/// Appends `build` to the manifest at `path` (created if missing), atomically.
+fn read(path: &Path) -> Result<Manifest, Error> {
+    let p = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) if text.trim().is_empty() => Ok(Manifest::default()),
+        Ok(text) => serde_json::from_str::<Manifest>(&text).map_err(|e| Error::Parse {
+            path: p,
+            detail: e.to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Manifest::default()),
+        Err(source) => Err(Error::Read { path: p, source }),
+    }
+}
+
+fn folder(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// Checks, before a build launches anything, that its record can be written at the end: the
+/// file is readable and a jbake manifest (or missing or empty), and its folder takes a new file
+/// (the manifest is replaced atomically, through a temporary file in that folder).
+pub fn check(path: &Path) -> Result<(), Error> {
+    read(path)?;
+    let write = || -> std::io::Result<()> {
+        let probe = tempfile::NamedTempFile::new_in(folder(path))?;
+        probe.close()
+    };
+    write().map_err(|source| Error::Write {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Appends `build` to the manifest at `path` (created if missing), atomically. Builds that end
+/// at the same moment take turns (an exclusive lock on `.NAME.lock` beside it), so none of their
+/// records is lost.
 pub fn append(path: &Path, build: Build) -> Result<(), Error> {
     let p = path.display().to_string();
-    let mut manifest = match std::fs::read_to_string(path) {
-        Ok(text) if text.trim().is_empty() => Manifest::default(),
-        Ok(text) => serde_json::from_str::<Manifest>(&text).map_err(|e| Error::Parse {
-            path: p.clone(),
-            detail: e.to_string(),
-        })?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Manifest::default(),
-        Err(source) => return Err(Error::Read { path: p, source }),
-    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "manifest".to_string());
+    let lock_path = folder(path).join(format!(".{name}.lock"));
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .and_then(|f| f.lock().map(|()| f))
+        .map_err(|source| Error::Write {
+            path: lock_path.display().to_string(),
+            source,
+        })?;
+    let mut manifest = read(path)?;
     manifest.builds.push(build);
     let text = serde_json::to_string_pretty(&manifest).map_err(|e| Error::Parse {
         path: p.clone(),
         detail: e.to_string(),
     })?;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = folder(path);
     let write = || -> std::io::Result<()> {
         let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
         std::io::Write::write_all(&mut tmp, text.as_bytes())?;
@@ -72,7 +112,9 @@ pub fn append(path: &Path, build: Build) -> Result<(), Error> {
         tmp.persist(path).map_err(|e| e.error)?;
         Ok(())
     };
-    write().map_err(|source| Error::Write { path: p, source })
+    let written = write().map_err(|source| Error::Write { path: p, source });
+    drop(lock);
+    written
 }
 
 #[cfg(test)]
@@ -117,5 +159,42 @@ mod tests {
             "not json",
             "a bad file is left alone"
         );
+    }
+
+    #[test]
+    fn builds_ending_at_once_lose_no_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.json");
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let p = p.clone();
+                std::thread::spawn(move || append(&p, build(&format!("b{i}"))).unwrap())
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let m: Manifest = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        assert_eq!(m.builds.len(), 8);
+    }
+
+    #[test]
+    fn check_finds_what_would_fail_at_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.json");
+        assert!(
+            check(&p).is_ok(),
+            "a missing manifest is created at the end"
+        );
+        append(&p, build("a")).unwrap();
+        assert!(check(&p).is_ok());
+        std::fs::write(&p, "{\"builds\": 3}").unwrap();
+        assert!(matches!(check(&p), Err(Error::Parse { .. })));
+        assert!(
+            matches!(check(dir.path()), Err(Error::Read { .. })),
+            "a folder"
+        );
+        let missing = dir.path().join("no/such/folder/m.json");
+        assert!(matches!(check(&missing), Err(Error::Write { .. })));
     }
 }

@@ -72,6 +72,17 @@ pub struct Progress {
     held: Vec<String>,
 }
 
+/// One line on stdout. A closed pipe (`jbake build … | head`) is not an error: the build, and
+/// above all its cleanup, go on.
+pub fn out_line(text: &str) {
+    let _ = writeln!(std::io::stdout().lock(), "{text}");
+}
+
+/// One line on stderr; a closed pipe is ignored (see [`out_line`]).
+pub fn err_line(text: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "{text}");
+}
+
 fn now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
@@ -109,8 +120,8 @@ impl Progress {
         let text = mask(text, &self.secrets);
         match (&self.bar, self.mode) {
             (Some(bar), _) => bar.println(text),
-            (None, Mode::Tty) => eprintln!("{text}"),
-            _ => eprintln!("{} {text}", now()),
+            (None, Mode::Tty) => err_line(&text),
+            _ => err_line(&format!("{} {text}", now())),
         }
     }
 
@@ -262,7 +273,7 @@ impl Progress {
     }
 
     /// The result of a build: always printed (on stdout), quiet or not.
-    pub fn result(&self, built: &crate::build::Built) {
+    pub fn result(&self, built: &crate::bake::Built) {
         if self.mode == Mode::Json {
             self.event(json!({"event": "build_finished", "result": built}));
             return;
@@ -278,7 +289,7 @@ impl Progress {
                 built.ami_id, built.name, built.content_hash
             )
         };
-        println!("{}", mask(&text, &self.secrets));
+        out_line(&mask(&text, &self.secrets));
     }
 
     /// A command's result, always printed on stdout, quiet or not: `text`, or with `--output
@@ -287,7 +298,7 @@ impl Progress {
         if self.mode == Mode::Json {
             self.event(json!({"event": event, "result": data}));
         } else {
-            println!("{}", mask(text, &self.secrets));
+            out_line(&mask(text, &self.secrets));
         }
     }
 
@@ -336,7 +347,6 @@ impl Progress {
             count(|s| matches!(s, StepStatus::Skipped(_))),
             count(|s| matches!(s, StepStatus::Failed(_))),
         );
-        eprint!("{}", mask(&table, &self.secrets));
-        eprintln!("{head}");
+        err_line(&format!("{}{head}", mask(&table, &self.secrets)));
     }
 }

@@ -60,7 +60,7 @@ fn keygen(path: &Path) -> String {
 }
 
 /// Imports a key pair (`DIR/client`) and launches an instance with user data shaped
-/// like src/build/cloud_init.rs's (host key `DIR/host`); returns the instance id and
+/// like src/bake/cloud_init.rs's (host key `DIR/host`); returns the instance id and
 /// the host public key.
 fn launch_like_jbake(moto: &Moto, dir: &Path) -> (String, String) {
     let host_pub = keygen(&dir.join("host"));
@@ -404,4 +404,117 @@ fn harness_aws_cloud_init_for_instance_serves_user_data_host_key_and_key_pair() 
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
+}
+
+#[test]
+fn harness_aws_the_realistic_world_behaves_like_ec2() {
+    if !prereq::moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(&moto.endpoint());
+    proxy.world(
+        r#"{"not_found": 2, "hide_s": 30, "pending_s": 30, "stopping_s": 30, "shutting_down_s": 30,
+            "image_pending_s": 30, "lose_once": ["CreateSecurityGroup"], "lose_how": ["500"],
+            "throttle_every": 25, "throttle_burst": 2}"#,
+    );
+    let env = moto.env_with(&proxy.endpoint(), "testing", "testing");
+    // boto3 with retries off: every refusal of the world is seen.
+    let seen = boto_ok(
+        &env,
+        "out = {}\n\
+         def code(f):\n    try:\n        f(); return 'ok'\n    except Exception as e:\n        return e.response['Error']['Code']\n\
+         img = ec2.describe_images(Owners=['137112412989'])['Images'][0]['ImageId']\n\
+         iid = ec2.run_instances(ImageId=img, MinCount=1, MaxCount=1)['Instances'][0]['InstanceId']\n\
+         out['describe'] = [code(lambda: ec2.describe_instances(InstanceIds=[iid])) for _ in range(3)]\n\
+         out['state'] = ec2.describe_instances(InstanceIds=[iid])['Reservations'][0]['Instances'][0]['State']['Name']\n\
+         out['listed'] = any(i['InstanceId'] == iid for r in ec2.describe_instances()['Reservations'] for i in r['Instances'])\n\
+         ec2.stop_instances(InstanceIds=[iid])\n\
+         out['stopping'] = ec2.describe_instances(InstanceIds=[iid])['Reservations'][0]['Instances'][0]['State']['Name']\n\
+         out['lost'] = code(lambda: ec2.create_security_group(GroupName='g', Description='d'))\n\
+         ami = ec2.create_image(InstanceId=iid, Name='n-1')['ImageId']\n\
+         out['image'] = [code(lambda: ec2.describe_images(ImageIds=[ami])) for _ in range(3)]\n\
+         im = ec2.describe_images(ImageIds=[ami])['Images'][0]\n\
+         out['image_state'] = im['State']\n\
+         out['mappings'] = len(im.get('BlockDeviceMappings', []))\n\
+         out['listed_snapshots'] = len(ec2.describe_snapshots(OwnerIds=['self'], Filters=[{'Name': 'description', 'Values': ['*' + ami + '*']}])['Snapshots'])\n\
+         out['ami'] = ami\n\
+         print(json.dumps(out))",
+    );
+    let seen: serde_json::Value = serde_json::from_str(&seen).expect("JSON");
+    assert_eq!(
+        seen["describe"],
+        serde_json::json!([
+            "InvalidInstanceID.NotFound",
+            "InvalidInstanceID.NotFound",
+            "ok"
+        ]),
+        "{seen}"
+    );
+    assert_eq!(seen["state"], "pending", "{seen}");
+    assert_eq!(
+        seen["listed"], false,
+        "new instances are missing from lists: {seen}"
+    );
+    assert_eq!(seen["stopping"], "stopping", "{seen}");
+    assert_eq!(seen["lost"], "InternalError", "{seen}");
+    assert_eq!(
+        seen["image"],
+        serde_json::json!(["InvalidAMIID.NotFound", "InvalidAMIID.NotFound", "ok"]),
+        "{seen}"
+    );
+    assert_eq!(seen["image_state"], "pending", "{seen}");
+    assert_eq!(seen["mappings"], 0, "{seen}");
+    // Its snapshot is missing from lists while the image is new, and pending with it.
+    assert_eq!(seen["listed_snapshots"], 0, "{seen}");
+    let ami = seen["ami"].as_str().expect("ami");
+    let snapshot = moto
+        .resources(moto::REGION)
+        .snapshots
+        .into_iter()
+        .find(|s| s.description.as_deref().is_some_and(|d| d.contains(ami)))
+        .expect("moto has the image's snapshot");
+    let state = boto_ok(
+        &env,
+        &format!(
+            "print(ec2.describe_snapshots(SnapshotIds=['{}'])['Snapshots'][0]['State'])",
+            snapshot.id
+        ),
+    );
+    assert_eq!(state, "pending");
+    // The lost CreateSecurityGroup took effect; moto (the truth) has the group.
+    let res = moto.resources(moto::REGION);
+    assert!(
+        res.security_groups.iter().any(|g| g.name == "g"),
+        "{:?}",
+        res.security_groups
+    );
+    let stats = proxy.world_stats();
+    for kind in [
+        "not_found",
+        "pending",
+        "hidden",
+        "stopping",
+        "lost",
+        "image_pending",
+        "snapshot_pending",
+    ] {
+        assert!(
+            stats.get(kind).copied().unwrap_or(0) > 0,
+            "{kind}: {stats:?}"
+        );
+    }
+    // Throttling: with retries off, a burst is seen as HTTP 503 RequestLimitExceeded.
+    let throttled = boto_ok(
+        &env,
+        "codes = []\n\
+         for _ in range(30):\n    try:\n        ec2.describe_vpcs(); codes.append('ok')\n    except Exception as e:\n        codes.append(str(e.response['ResponseMetadata']['HTTPStatusCode']) + ' ' + e.response['Error']['Code'])\n\
+         print(json.dumps(codes))",
+    );
+    assert!(
+        throttled.contains("503 RequestLimitExceeded"),
+        "{throttled}"
+    );
+    proxy.world("null");
+    assert!(proxy.world_stats().is_empty());
 }

@@ -1,11 +1,17 @@
-//! The EC2 calls a build makes, each with the context a user needs when it fails.
+//! The EC2 calls a bake makes, each with the context a user needs when it fails.
+//!
+//! Lists go through the SDK's paginators (`into_paginator()`), so an account with more images,
+//! instances, groups or snapshots than one answer holds is read whole. Lookups by id are single
+//! calls (an id names at most one resource; AWS refuses `MaxResults` with ids). Errors keep the
+//! service's code ([`Error::is_code`]): what a `NotFound` right after a create means is the
+//! caller's decision (see [`super::wait::PROPAGATION`]).
 
 use aws_sdk_ec2::primitives::Blob;
 use aws_sdk_ec2::types::{
-    BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, IamInstanceProfileSpecification,
-    Image, ImageState, InstanceMetadataEndpointState, InstanceMetadataOptionsRequest,
-    InstanceStateName, InstanceType, IpPermission, IpRange, ResourceType, ShutdownBehavior, Tag,
-    TagSpecification, VolumeType,
+    AttributeValue, BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState,
+    IamInstanceProfileSpecification, Image, ImageState, Instance, InstanceMetadataEndpointState,
+    InstanceMetadataOptionsRequest, InstanceType, IpPermission, IpRange, ResourceType,
+    ShutdownBehavior, Snapshot, Tag, TagSpecification, VolumeType,
 };
 
 use super::Error;
@@ -33,6 +39,20 @@ fn tags_of(tags: &[Tag]) -> Tags {
             )
         })
         .collect()
+}
+
+fn find_tag<'a>(tags: &'a Tags, key: &str) -> Option<&'a str> {
+    tags.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+fn tag_filter(key: &str, value: Option<&str>) -> Filter {
+    match value {
+        Some(v) => Filter::builder()
+            .name(format!("tag:{key}"))
+            .values(v)
+            .build(),
+        None => Filter::builder().name("tag-key").values(key).build(),
+    }
 }
 
 /// A base or built image, as jbake needs it.
@@ -68,10 +88,7 @@ impl ImageInfo {
     }
 
     pub fn tag(&self, key: &str) -> Option<&str> {
-        self.tags
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        find_tag(&self.tags, key)
     }
 }
 
@@ -83,7 +100,66 @@ pub struct InstanceInfo {
     pub public_ip: Option<String>,
     pub private_ip: Option<String>,
     pub vpc_id: Option<String>,
+    pub key_name: Option<String>,
+    pub security_groups: Vec<String>,
     pub tags: Tags,
+}
+
+impl InstanceInfo {
+    fn from(i: &Instance) -> InstanceInfo {
+        InstanceInfo {
+            id: i.instance_id().unwrap_or_default().to_string(),
+            state: i
+                .state()
+                .and_then(|s| s.name())
+                .map(|n| n.as_str().to_string())
+                .unwrap_or_default(),
+            public_ip: i.public_ip_address().map(str::to_string),
+            private_ip: i.private_ip_address().map(str::to_string),
+            vpc_id: i.vpc_id().map(str::to_string),
+            key_name: i.key_name().map(str::to_string),
+            security_groups: i
+                .security_groups()
+                .iter()
+                .filter_map(|g| g.group_id().map(str::to_string))
+                .collect(),
+            tags: tags_of(i.tags()),
+        }
+    }
+
+    pub fn tag(&self, key: &str) -> Option<&str> {
+        find_tag(&self.tags, key)
+    }
+}
+
+/// A security group, key pair or snapshot: its id (or name) and tags.
+#[derive(Debug, Clone)]
+pub struct Tagged {
+    /// The id (`sg-…`, `snap-…`), or the name of a key pair.
+    pub id: String,
+    /// The group's or key pair's name; a snapshot's description.
+    pub name: String,
+    pub tags: Tags,
+    /// A snapshot's state (`pending`, `completed`, `error`); empty for the others.
+    pub state: String,
+}
+
+impl Tagged {
+    pub fn tag(&self, key: &str) -> Option<&str> {
+        find_tag(&self.tags, key)
+    }
+
+    fn snapshot(s: &Snapshot) -> Tagged {
+        Tagged {
+            id: s.snapshot_id().unwrap_or_default().to_string(),
+            name: s.description().unwrap_or_default().to_string(),
+            tags: tags_of(s.tags()),
+            state: s
+                .state()
+                .map(|s| s.as_str().to_string())
+                .unwrap_or_default(),
+        }
+    }
 }
 
 /// What to launch.
@@ -100,6 +176,9 @@ pub struct Launch {
     /// Base64 of the cloud-config.
     pub user_data: String,
     pub tags: Tags,
+    /// Makes RunInstances idempotent: a retry whose first answer was lost gets the same
+    /// instance instead of a second one.
+    pub client_token: String,
 }
 
 #[derive(Clone)]
@@ -127,6 +206,8 @@ impl Ec2 {
         Error::new(what, &self.region, e).service("ec2")
     }
 
+    /// One image by id; `None` when EC2 does not know it (never existed, deregistered long
+    /// ago, or not visible yet).
     pub async fn image(&self, id: &str) -> Result<Option<ImageInfo>, Error> {
         let out = self.client.describe_images().image_ids(id).send().await;
         match out {
@@ -142,48 +223,88 @@ impl Ec2 {
         }
     }
 
+    async fn images(
+        &self,
+        what: String,
+        owners: &[String],
+        filters: Vec<Filter>,
+    ) -> Result<Vec<ImageInfo>, Error> {
+        let owners = if owners.is_empty() {
+            vec!["self".to_string()]
+        } else {
+            owners.to_vec()
+        };
+        let images = self
+            .client
+            .describe_images()
+            .set_owners(Some(owners))
+            .set_filters(Some(filters))
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .map_err(|e| self.err(what, e.into_service_error()))?;
+        Ok(images.iter().map(ImageInfo::from).collect())
+    }
+
     /// Images matching a name pattern, owned by `owners` (or by this account when empty).
     pub async fn images_named(
         &self,
         pattern: &str,
         owners: &[String],
     ) -> Result<Vec<ImageInfo>, Error> {
-        let mut req = self
-            .client
-            .describe_images()
-            .filters(Filter::builder().name("name").values(pattern).build());
-        if owners.is_empty() {
-            req = req.owners("self");
-        } else {
-            for o in owners {
-                req = req.owners(o);
-            }
-        }
-        let out = req.send().await.map_err(|e| {
-            self.err(
-                format!("DescribeImages name={pattern}"),
-                e.into_service_error(),
-            )
-        })?;
-        Ok(out.images().iter().map(ImageInfo::from).collect())
+        self.images(
+            format!("DescribeImages name={pattern}"),
+            owners,
+            vec![Filter::builder().name("name").values(pattern).build()],
+        )
+        .await
     }
 
     /// This account's images carrying `tag=value`.
     pub async fn own_images_tagged(&self, tag: &str, value: &str) -> Result<Vec<ImageInfo>, Error> {
-        let out = self
+        self.images(
+            format!("DescribeImages tag:{tag}"),
+            &[],
+            vec![tag_filter(tag, Some(value))],
+        )
+        .await
+    }
+
+    /// This account's images carrying the tag key `tag`.
+    pub async fn own_images_with_tag_key(&self, tag: &str) -> Result<Vec<ImageInfo>, Error> {
+        self.images(
+            format!("DescribeImages tag-key={tag}"),
+            &[],
+            vec![tag_filter(tag, None)],
+        )
+        .await
+    }
+
+    /// This account's snapshots carrying `tag` (with this value, or any).
+    pub async fn snapshots_tagged(
+        &self,
+        tag: &str,
+        value: Option<&str>,
+    ) -> Result<Vec<Tagged>, Error> {
+        let snaps = self
             .client
-            .describe_images()
-            .owners("self")
-            .filters(
-                Filter::builder()
-                    .name(format!("tag:{tag}"))
-                    .values(value)
-                    .build(),
-            )
+            .describe_snapshots()
+            .owner_ids("self")
+            .filters(tag_filter(tag, value))
+            .into_paginator()
+            .items()
             .send()
+            .try_collect()
             .await
-            .map_err(|e| self.err(format!("DescribeImages tag:{tag}"), e.into_service_error()))?;
-        Ok(out.images().iter().map(ImageInfo::from).collect())
+            .map_err(|e| {
+                self.err(
+                    format!("DescribeSnapshots tag:{tag}"),
+                    e.into_service_error(),
+                )
+            })?;
+        Ok(snaps.iter().map(Tagged::snapshot).collect())
     }
 
     pub async fn import_key_pair(
@@ -203,6 +324,7 @@ impl Ec2 {
         Ok(())
     }
 
+    /// Deletes a key pair (EC2 answers success for a name it does not know).
     pub async fn delete_key_pair(&self, name: &str) -> Result<(), Error> {
         self.client
             .delete_key_pair()
@@ -213,7 +335,7 @@ impl Ec2 {
         Ok(())
     }
 
-    /// The VPC of a subnet, or the region's default VPC.
+    /// The VPC of a subnet, or the region's default VPC: `(id, IPv4 CIDR)`.
     pub async fn vpc_for(&self, subnet: Option<&str>) -> Result<(String, Option<String>), Error> {
         if let Some(subnet) = subnet {
             let out = self
@@ -237,14 +359,17 @@ impl Ec2 {
                 s.cidr_block().map(str::to_string),
             ));
         }
-        let out = self
+        let vpcs = self
             .client
             .describe_vpcs()
             .filters(Filter::builder().name("is-default").values("true").build())
+            .into_paginator()
+            .items()
             .send()
+            .try_collect()
             .await
             .map_err(|e| self.err("DescribeVpcs (default VPC)", e.into_service_error()))?;
-        let v = out.vpcs().first().ok_or_else(|| {
+        let v = vpcs.first().ok_or_else(|| {
             Error::other(
                 "finding the default VPC",
                 &self.region,
@@ -257,12 +382,12 @@ impl Ec2 {
         ))
     }
 
-    /// A security group that allows SSH from `cidr` only. Returns its id.
-    pub async fn create_ssh_security_group(
+    /// Creates a security group (no ingress yet: [`authorize_ssh`](Self::authorize_ssh)).
+    /// Returns its id.
+    pub async fn create_security_group(
         &self,
         name: &str,
         vpc_id: &str,
-        cidr: &str,
         tags: &Tags,
     ) -> Result<String, Error> {
         let out = self
@@ -280,10 +405,20 @@ impl Ec2 {
                     e.into_service_error(),
                 )
             })?;
-        let id = out.group_id().unwrap_or_default().to_string();
+        out.group_id().map(str::to_string).ok_or_else(|| {
+            Error::other(
+                format!("CreateSecurityGroup {name}"),
+                &self.region,
+                "no group id in the answer",
+            )
+        })
+    }
+
+    /// Allows SSH (TCP 22) from `cidr` only.
+    pub async fn authorize_ssh(&self, group_id: &str, cidr: &str) -> Result<(), Error> {
         self.client
             .authorize_security_group_ingress()
-            .group_id(&id)
+            .group_id(group_id)
             .ip_permissions(
                 IpPermission::builder()
                     .ip_protocol("tcp")
@@ -301,11 +436,64 @@ impl Ec2 {
             .await
             .map_err(|e| {
                 self.err(
-                    format!("AuthorizeSecurityGroupIngress {id}"),
+                    format!("AuthorizeSecurityGroupIngress {group_id}"),
                     e.into_service_error(),
                 )
+            })?;
+        Ok(())
+    }
+
+    async fn security_groups(
+        &self,
+        what: String,
+        filters: Vec<Filter>,
+    ) -> Result<Vec<Tagged>, Error> {
+        let groups = self
+            .client
+            .describe_security_groups()
+            .set_filters(Some(filters))
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .map_err(|e| self.err(what, e.into_service_error()))?;
+        Ok(groups
+            .iter()
+            .map(|g| Tagged {
+                id: g.group_id().unwrap_or_default().to_string(),
+                name: g.group_name().unwrap_or_default().to_string(),
+                tags: tags_of(g.tags()),
+                state: String::new(),
             })
-            .map(|_| id)
+            .collect())
+    }
+
+    /// The security group called `name` in `vpc_id`, if there is one.
+    pub async fn security_group_named(
+        &self,
+        name: &str,
+        vpc_id: &str,
+    ) -> Result<Option<Tagged>, Error> {
+        let found = self
+            .security_groups(
+                format!("DescribeSecurityGroups group-name={name}"),
+                vec![
+                    Filter::builder().name("group-name").values(name).build(),
+                    Filter::builder().name("vpc-id").values(vpc_id).build(),
+                ],
+            )
+            .await?;
+        Ok(found.into_iter().next())
+    }
+
+    /// Security groups carrying the tag key `tag`.
+    pub async fn security_groups_tagged(&self, tag: &str) -> Result<Vec<Tagged>, Error> {
+        self.security_groups(
+            format!("DescribeSecurityGroups tag-key={tag}"),
+            vec![tag_filter(tag, None)],
+        )
+        .await
     }
 
     pub async fn delete_security_group(&self, id: &str) -> Result<(), Error> {
@@ -319,11 +507,12 @@ impl Ec2 {
     }
 
     /// Launches one instance (IMDSv2 required, encrypted gp3 root volume, terminate on
-    /// shutdown, tagged instance and volume). Returns its id.
+    /// shutdown, tagged instance and volume, idempotent by its client token). Returns its id.
     pub async fn run_instance(&self, l: &Launch) -> Result<String, Error> {
         let mut req = self
             .client
             .run_instances()
+            .client_token(&l.client_token)
             .image_id(&l.image_id)
             .instance_type(InstanceType::from(l.instance_type.as_str()))
             .min_count(1)
@@ -374,6 +563,8 @@ impl Ec2 {
             .ok_or_else(|| Error::other("RunInstances", &self.region, "no instance in the answer"))
     }
 
+    /// One instance by id; `None` when EC2 does not know it. `InvalidInstanceID.NotFound` is
+    /// returned as an error: right after RunInstances it means "not visible yet".
     pub async fn instance(&self, id: &str) -> Result<Option<InstanceInfo>, Error> {
         let out = self
             .client
@@ -387,38 +578,23 @@ impl Ec2 {
             .iter()
             .flat_map(|r| r.instances())
             .find(|i| i.instance_id() == Some(id))
-            .map(|i| InstanceInfo {
-                id: id.to_string(),
-                state: i
-                    .state()
-                    .and_then(|s| s.name())
-                    .map(|n| n.as_str().to_string())
-                    .unwrap_or_default(),
-                public_ip: i.public_ip_address().map(str::to_string),
-                private_ip: i.private_ip_address().map(str::to_string),
-                vpc_id: i.vpc_id().map(str::to_string),
-                tags: tags_of(i.tags()),
-            }))
+            .map(InstanceInfo::from))
     }
 
-    /// Instances (not terminated) carrying `tag` (any value when `value` is None).
+    /// Instances carrying `tag` (any value when `value` is None), terminated ones included.
     pub async fn instances_tagged(
         &self,
         tag: &str,
         value: Option<&str>,
     ) -> Result<Vec<InstanceInfo>, Error> {
-        let filter = match value {
-            Some(v) => Filter::builder()
-                .name(format!("tag:{tag}"))
-                .values(v)
-                .build(),
-            None => Filter::builder().name("tag-key").values(tag).build(),
-        };
-        let out = self
+        let reservations = self
             .client
             .describe_instances()
-            .filters(filter)
+            .filters(tag_filter(tag, value))
+            .into_paginator()
+            .items()
             .send()
+            .try_collect()
             .await
             .map_err(|e| {
                 self.err(
@@ -426,79 +602,36 @@ impl Ec2 {
                     e.into_service_error(),
                 )
             })?;
-        Ok(out
-            .reservations()
+        Ok(reservations
             .iter()
             .flat_map(|r| r.instances())
-            .filter(|i| i.state().and_then(|s| s.name()) != Some(&InstanceStateName::Terminated))
-            .map(|i| InstanceInfo {
-                id: i.instance_id().unwrap_or_default().to_string(),
-                state: i
-                    .state()
-                    .and_then(|s| s.name())
-                    .map(|n| n.as_str().to_string())
-                    .unwrap_or_default(),
-                public_ip: i.public_ip_address().map(str::to_string),
-                private_ip: i.private_ip_address().map(str::to_string),
-                vpc_id: i.vpc_id().map(str::to_string),
-                tags: tags_of(i.tags()),
-            })
+            .map(InstanceInfo::from)
             .collect())
     }
 
-    /// Key pairs carrying the tag key `tag`: `(name, tags)`.
-    pub async fn key_pairs_tagged(&self, tag: &str) -> Result<Vec<(String, Tags)>, Error> {
+    /// Key pairs carrying `tag` (with this value, or any). DescribeKeyPairs has no pages.
+    pub async fn key_pairs_tagged(
+        &self,
+        tag: &str,
+        value: Option<&str>,
+    ) -> Result<Vec<Tagged>, Error> {
         let out = self
             .client
             .describe_key_pairs()
-            .filters(Filter::builder().name("tag-key").values(tag).build())
+            .filters(tag_filter(tag, value))
             .send()
             .await
             .map_err(|e| self.err("DescribeKeyPairs", e.into_service_error()))?;
         Ok(out
             .key_pairs()
             .iter()
-            .map(|k| {
-                (
-                    k.key_name().unwrap_or_default().to_string(),
-                    tags_of(k.tags()),
-                )
+            .map(|k| Tagged {
+                id: k.key_name().unwrap_or_default().to_string(),
+                name: k.key_name().unwrap_or_default().to_string(),
+                tags: tags_of(k.tags()),
+                state: String::new(),
             })
             .collect())
-    }
-
-    /// Security groups carrying the tag key `tag`: `(id, tags)`.
-    pub async fn security_groups_tagged(&self, tag: &str) -> Result<Vec<(String, Tags)>, Error> {
-        let out = self
-            .client
-            .describe_security_groups()
-            .filters(Filter::builder().name("tag-key").values(tag).build())
-            .send()
-            .await
-            .map_err(|e| self.err("DescribeSecurityGroups", e.into_service_error()))?;
-        Ok(out
-            .security_groups()
-            .iter()
-            .map(|g| {
-                (
-                    g.group_id().unwrap_or_default().to_string(),
-                    tags_of(g.tags()),
-                )
-            })
-            .collect())
-    }
-
-    /// This account's images carrying the tag key `tag`.
-    pub async fn own_images_with_tag_key(&self, tag: &str) -> Result<Vec<ImageInfo>, Error> {
-        let out = self
-            .client
-            .describe_images()
-            .owners("self")
-            .filters(Filter::builder().name("tag-key").values(tag).build())
-            .send()
-            .await
-            .map_err(|e| self.err("DescribeImages", e.into_service_error()))?;
-        Ok(out.images().iter().map(ImageInfo::from).collect())
     }
 
     pub async fn stop_instance(&self, id: &str) -> Result<(), Error> {
@@ -512,32 +645,25 @@ impl Ec2 {
     }
 
     pub async fn terminate_instance(&self, id: &str) -> Result<(), Error> {
-        match self
-            .client
+        self.client
             .terminate_instances()
             .instance_ids(id)
             .send()
             .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                let e = self.err(format!("TerminateInstances {id}"), e.into_service_error());
-                if e.is_code("InvalidInstanceID.NotFound") {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            }
-        }
+            .map_err(|e| self.err(format!("TerminateInstances {id}"), e.into_service_error()))?;
+        Ok(())
     }
 
-    /// Creates the image (tagged at creation, so a half-made image is always findable).
+    /// Creates the image, tagging it and its snapshots at creation (so a half-made image and
+    /// its snapshots are always found by tag). CreateImage has no client token: a retry after
+    /// a lost answer gets `InvalidAMIName.Duplicate`, and the caller adopts its own image.
     pub async fn create_image(
         &self,
         instance_id: &str,
         name: &str,
         description: &str,
-        tags: &Tags,
+        image_tags: &Tags,
+        snapshot_tags: &Tags,
     ) -> Result<String, Error> {
         let out = self
             .client
@@ -545,7 +671,8 @@ impl Ec2 {
             .instance_id(instance_id)
             .name(name)
             .description(description)
-            .tag_specifications(tag_spec(ResourceType::Image, tags))
+            .tag_specifications(tag_spec(ResourceType::Image, image_tags))
+            .tag_specifications(tag_spec(ResourceType::Snapshot, snapshot_tags))
             .send()
             .await
             .map_err(|e| {
@@ -559,8 +686,26 @@ impl Ec2 {
             .ok_or_else(|| Error::other("CreateImage", &self.region, "no image id in the answer"))
     }
 
+    /// Instances launched from the image use IMDSv2 only (`ImdsSupport` `v2.0`; it cannot be
+    /// undone, by design).
+    pub async fn require_imds_v2(&self, image_id: &str) -> Result<(), Error> {
+        self.client
+            .modify_image_attribute()
+            .image_id(image_id)
+            .imds_support(AttributeValue::builder().value("v2.0").build())
+            .send()
+            .await
+            .map_err(|e| {
+                self.err(
+                    format!("ModifyImageAttribute {image_id} ImdsSupport=v2.0"),
+                    e.into_service_error(),
+                )
+            })?;
+        Ok(())
+    }
+
     pub async fn create_tags(&self, ids: &[String], tags: &Tags) -> Result<(), Error> {
-        if ids.is_empty() {
+        if ids.is_empty() || tags.is_empty() {
             return Ok(());
         }
         self.client
@@ -582,10 +727,14 @@ impl Ec2 {
         Ok(())
     }
 
+    /// Deregisters the image and asks EC2 to delete its snapshots with it
+    /// (`DeleteAssociatedSnapshots`); the caller still deletes the snapshots it finds by tag,
+    /// for endpoints that ignore the flag.
     pub async fn deregister_image(&self, id: &str) -> Result<(), Error> {
         self.client
             .deregister_image()
             .image_id(id)
+            .delete_associated_snapshots(true)
             .send()
             .await
             .map_err(|e| self.err(format!("DeregisterImage {id}"), e.into_service_error()))?;

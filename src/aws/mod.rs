@@ -13,6 +13,7 @@ pub mod wait;
 use std::time::Duration;
 
 use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_smithy_types::error::display::DisplayErrorContext;
 
@@ -45,7 +46,8 @@ pub struct Aws {
 }
 
 impl Aws {
-    /// Loads the configuration. Throttling and transient errors are retried by the SDK's standard
+    /// Loads the configuration. Throttling (`RequestLimitExceeded`, HTTP 503) and transient errors
+    /// (5xx, a dropped connection, an attempt past its minute) are retried by the SDK's standard
     /// retry mode (exponential backoff with jitter), up to 8 attempts per call.
     pub async fn new(opts: &AwsOptions) -> Aws {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
@@ -54,6 +56,14 @@ impl Aws {
                 RetryConfig::standard()
                     .with_max_attempts(8)
                     .with_initial_backoff(Duration::from_millis(200)),
+            )
+            // An answer that never comes must not hang a cron job: each attempt gets a minute
+            // (then the SDK retries it like any transient failure).
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(10))
+                    .operation_attempt_timeout(Duration::from_secs(60))
+                    .build(),
             );
         if let Some(p) = &opts.profile {
             loader = loader.profile_name(p);
@@ -249,6 +259,34 @@ impl Error {
 
     pub fn is_code(&self, code: &str) -> bool {
         self.code.as_deref() == Some(code)
+    }
+
+    /// EC2 says the resource does not exist (`InvalidInstanceID.NotFound`,
+    /// `InvalidGroup.NotFound`, `InvalidAMIID.NotFound`, `InvalidSnapshot.NotFound`, ...).
+    pub fn is_not_found(&self) -> bool {
+        self.code
+            .as_deref()
+            .is_some_and(|c| c.ends_with(".NotFound") || c == "InvalidAMIID.Unavailable")
+    }
+
+    /// The service refused the call: nothing was made or changed. `false` when the answer was
+    /// lost, timed out or was a server error, after which the call may have taken effect.
+    pub fn refused(&self) -> bool {
+        match self.code.as_deref() {
+            None => false,
+            Some(c) => !matches!(
+                c,
+                "InternalError"
+                    | "InternalFailure"
+                    | "ServiceUnavailable"
+                    | "Unavailable"
+                    | "RequestLimitExceeded"
+                    | "Throttling"
+                    | "ThrottlingException"
+                    | "RequestTimeout"
+                    | "RequestTimeoutException"
+            ),
+        }
     }
 }
 

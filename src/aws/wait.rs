@@ -4,6 +4,29 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+/// How long EC2 may deny knowing something it has just created (eventual consistency): a
+/// `*.NotFound` for a resource younger than this means "not visible yet", and the call is tried
+/// again; an older one, or one EC2 has already shown, is really gone.
+///
+/// Five minutes: EC2 documents no bound ("Eventual consistency in the Amazon EC2 API" asks for
+/// capped exponential backoff); this is what the Terraform AWS provider allows for EC2 changes
+/// to propagate (`ec2PropagationTimeout`, used by `RetryWhenNewResourceNotFound`), seen to cover
+/// the seconds it takes in practice by two orders of magnitude. It bounds how long a build (or
+/// its cleanup) waits for a resource that a lost answer made it unsure about.
+pub const PROPAGATION: Duration = Duration::from_secs(300);
+
+/// How long jbake looks, by name or tag, for something a call whose answer never came may have
+/// made (a timeout, a dropped connection, a server error after the SDK's retries): a resource EC2
+/// made shows in its lists within seconds, so one not seen in a minute was most likely never
+/// made — and if it was, it carries the build's tag: the build's final sweep and `jbake gc`
+/// still find it. (A resource EC2 gave jbake the id of gets the full [`PROPAGATION`].)
+pub const LOST_ANSWER: Duration = Duration::from_secs(60);
+
+/// Whether a `NotFound` about something created at `created` still means "not visible yet".
+pub fn not_yet_visible(created: Instant) -> bool {
+    created.elapsed() < PROPAGATION
+}
+
 /// What one poll saw.
 pub enum Poll<T> {
     Ready(T),
@@ -42,7 +65,7 @@ where
             return Err(last);
         }
         tokio::time::sleep(interval.min(deadline - waited)).await;
-        interval = (interval * 2).min(max_interval);
+        interval = interval.saturating_mul(2).min(max_interval);
     }
 }
 
@@ -73,6 +96,15 @@ mod tests {
         .await;
         assert!(matches!(r, Ok(Ok(4))));
         assert_eq!(states, ["pending1", "pending2"]);
+    }
+
+    #[test]
+    fn not_found_means_not_yet_for_a_bounded_time() {
+        assert!(not_yet_visible(Instant::now()));
+        if let Some(long_ago) = Instant::now().checked_sub(PROPAGATION + Duration::from_secs(1)) {
+            assert!(!not_yet_visible(long_ago), "then it is gone");
+        }
+        assert!(LOST_ANSWER < PROPAGATION);
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,16 +1,14 @@
-//! `jbake build`, `jbake controller`, `jbake agent` and `jbake gc`.
+//! `jbake build`, `jbake controller`, `jbake agent` and `jbake gc`: flags in, the bake's report
+//! out (the bake itself, its cleanup and gc live in `crate::bake`).
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU32;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
 
-use super::{interrupted, parse_region, BastionArgs, Failure};
+use super::{parse_region, BastionArgs, Failure};
 use crate::aws::{Aws, AwsOptions};
-use crate::build::{self, BuildOptions, OnError, SshInterface, Undo};
-use crate::gc;
+use crate::bake::{self, gc, BakeOptions, OnError, Outcome, SshInterface};
 use crate::progress::{Output, Progress};
 use crate::recipe::{self, BaseImage, LoadOptions};
 use crate::shipped::Extracted;
@@ -88,7 +86,7 @@ pub struct BuildFlags {
     #[arg(long, value_name = "FILE", default_value = "jbake-manifest.json")]
     pub manifest: PathBuf,
     /// The build instance shuts itself down (and terminates) after this long, whatever happens.
-    #[arg(long, value_name = "DURATION", default_value = "2h", value_parser = recipe::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "2h", value_parser = parse_ttl)]
     pub ttl: Duration,
     /// How long to keep trying to reach the instance over SSH.
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = recipe::parse_duration)]
@@ -142,7 +140,7 @@ pub struct GcArgs {
     #[arg(long, value_name = "DURATION", value_parser = recipe::parse_duration)]
     pub older_than: Option<Duration>,
     /// Remove what this build left, whatever its age.
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", value_parser = parse_build_id)]
     pub build_id: Option<String>,
 }
 
@@ -150,6 +148,26 @@ fn matches(re: &str, s: &str) -> bool {
     regex::Regex::new(re)
         .map(|r| r.is_match(s))
         .unwrap_or(false)
+}
+
+fn parse_build_id(s: &str) -> Result<String, String> {
+    if gc::is_build_id(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "'{s}' is not a jbake build id (YYYYMMDD-HHMMSS-xxxxxx, as `jbake build` prints it)"
+        ))
+    }
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = recipe::parse_duration(s)?;
+    if d < Duration::from_secs(60) || d > bake::MAX_TTL {
+        return Err(format!(
+            "\"{s}\" is out of range: the build instance's watchdog takes 1m to 7 days (168h)"
+        ));
+    }
+    Ok(d)
 }
 
 fn parse_efs_id(s: &str) -> Result<String, String> {
@@ -203,7 +221,9 @@ fn options(
     recipe: PathBuf,
     flags: &BuildFlags,
     extra_vars: Vec<(String, String)>,
-) -> Result<BuildOptions, Failure> {
+    output: Output,
+    quiet: bool,
+) -> Result<BakeOptions, Failure> {
     let mut vars = extra_vars;
     vars.extend(flags.vars.iter().cloned());
     let jump = flags.bastion.jump(None)?;
@@ -212,7 +232,7 @@ fn options(
     } else {
         SshInterface::Public
     });
-    Ok(BuildOptions {
+    Ok(BakeOptions {
         recipe,
         load: LoadOptions {
             var_files: flags.var_files.clone(),
@@ -239,15 +259,19 @@ fn options(
         ttl: flags.ttl,
         connect_timeout: flags.connect_timeout,
         image_timeout: flags.image_timeout,
+        output,
+        quiet,
     })
 }
 
 pub async fn build_cmd(args: BuildArgs, output: Output, quiet: bool) -> Result<(), Failure> {
-    bake(
-        options(args.recipe, &args.flags, Vec::new())?,
+    bake(options(
+        args.recipe,
+        &args.flags,
+        Vec::new(),
         output,
         quiet,
-    )
+    )?)
     .await
 }
 
@@ -258,13 +282,13 @@ pub async fn controller_cmd(
 ) -> Result<(), Failure> {
     let efs = vec![("efs_id".to_string(), args.efs_id.clone())];
     let (recipe, shipped) = recipe_or_shipped(args.recipe, "controller")?;
-    let r = bake(options(recipe, &args.flags, efs)?, output, quiet).await;
+    let r = bake(options(recipe, &args.flags, efs, output, quiet)?).await;
     shown_as_built_in(r, shipped.as_ref())
 }
 
 pub async fn agent_cmd(args: AgentArgs, output: Output, quiet: bool) -> Result<(), Failure> {
     let (recipe, shipped) = recipe_or_shipped(args.recipe, "agent")?;
-    let r = bake(options(recipe, &args.flags, Vec::new())?, output, quiet).await;
+    let r = bake(options(recipe, &args.flags, Vec::new(), output, quiet)?).await;
     shown_as_built_in(r, shipped.as_ref())
 }
 
@@ -291,177 +315,44 @@ fn shown_as_built_in(r: Result<(), Failure>, shipped: Option<&Extracted>) -> Res
     }
 }
 
-/// Runs a build and, whatever happens, its cleanup.
-async fn bake(opts: BuildOptions, output: Output, quiet: bool) -> Result<(), Failure> {
-    // Offline first: a bad recipe or variable is exit 2 before any AWS call.
-    let plan = build::load_for_hash(&opts, None).map_err(|e| Failure::Input(e.into()))?;
+/// Runs a bake (its cleanup included) and says how it ended.
+async fn bake(opts: BakeOptions) -> Result<(), Failure> {
+    // Offline first: bad input is exit 2 before any AWS call.
+    bake::preflight(&opts).map_err(|e| Failure::Input(e.into()))?;
+    // From here on SIGINT, SIGTERM and SIGHUP stop the build and clean up.
+    let interrupt = super::signal_interrupt();
     let aws = Aws::new(&opts.aws).await;
-    let undo = Undo::default();
-    let build_id = build::build_id();
-    let mut progress = Progress::new(output, quiet, plan.secrets());
-    progress.info(
-        "build",
-        &format!("build {build_id} of {} in {}", plan.name, opts.aws.region),
-    );
-    let broker = Arc::new(AtomicU32::new(0));
-    let outcome = tokio::select! {
-        r = build::run(&opts, &aws, &undo, &build_id, &mut progress, broker) => Some(r),
-        what = interrupted() => {
-            progress.abandon_step();
-            progress.warn(&format!("interrupted {what}: stopping the build and removing what it made"));
-            None
+    let region = opts.aws.region.clone();
+    let report = bake::bake(opts, aws, interrupt).await;
+    let build_id = &report.build_id;
+    let gc_hint = format!("`jbake gc --region {region} --build-id {build_id}` removes them");
+    let left = report.left.sentence(&gc_hint);
+    match report.outcome {
+        // The image is good and recorded, but a leak must not pass as success: the nightly cron
+        // alerts on the exit status, not on a warning in its log.
+        Outcome::Built(built) => match left {
+            None => Ok(()),
+            Some(left) => Err(Failure::Runtime(anyhow::anyhow!(
+                "built {} ({}), but {left}",
+                built.ami_id,
+                built.name
+            ))),
+        },
+        Outcome::Rejected(e) | Outcome::Failed(e @ bake::Error::Recipe(_)) => {
+            Err(Failure::Input(e.into()))
         }
-    };
-    let failed = !matches!(outcome, Some(Ok(_)));
-    let gc_hint = format!(
-        "`jbake gc --region {} --build-id {build_id}` removes them",
-        opts.aws.region
-    );
-    let left = if failed && opts.on_error == OnError::Abort {
-        let left = undo.remaining();
-        let mut text = String::from("--on-error abort: these were left for debugging:");
-        for r in &left {
-            text.push_str(&format!("\n  {r}"));
-        }
-        text.push_str(&format!(
-            "\nremove them with: jbake gc --region {} --build-id {build_id}",
-            opts.aws.region
-        ));
-        progress.warn(&text);
-        if left.is_empty() {
-            Leftovers::default()
-        } else {
-            Leftovers {
-                kept: left.iter().map(|r| r.to_string()).collect(),
-                ..Leftovers::default()
-            }
-        }
-    } else {
-        cleanup(&aws, &undo, &build_id, &progress).await
-    };
-    match outcome {
-        Some(Ok(built)) => {
-            progress.result(&built);
-            // The image is good and recorded, but a leak must not pass as success: the nightly
-            // cron alerts on the exit status, not on a warning in its log.
-            match left.sentence(&gc_hint) {
-                None => Ok(()),
-                Some(left) => Err(Failure::Runtime(anyhow::anyhow!(
-                    "built {} ({}), but {left}",
-                    built.ami_id,
-                    built.name
-                ))),
-            }
-        }
-        Some(Err(e)) => Err(match e {
-            build::Error::Recipe(e) => Failure::Input(e.into()),
-            other => Failure::Runtime(match left.sentence(&gc_hint) {
-                None => anyhow::anyhow!("build {build_id} failed: {other}"),
-                Some(left) => anyhow::anyhow!("build {build_id} failed: {other}\n{left}"),
-            }),
-        }),
-        None => Err(Failure::Interrupted(format!(
-            "(build {build_id}); {}",
-            left.sentence(&gc_hint)
-                .unwrap_or_else(|| "its temporary resources were removed".to_string())
+        Outcome::Failed(e) => Err(Failure::Runtime(match left {
+            None => anyhow::anyhow!("build {build_id} failed: {e}"),
+            Some(left) => anyhow::anyhow!("build {build_id} failed: {e}\n{left}"),
+        })),
+        Outcome::Panicked(what) => Err(Failure::Runtime(anyhow::anyhow!(
+            "build {build_id} stopped on an internal error (a bug in jbake: {what}); {}",
+            left.unwrap_or_else(|| "its temporary resources were removed".to_string())
         ))),
-    }
-}
-
-/// What a build's cleanup did not remove, for its last line.
-#[derive(Debug, Default)]
-struct Leftovers {
-    /// Left on purpose (`--on-error abort`).
-    kept: Vec<String>,
-    /// Could not be removed (each once, with the last error).
-    failed: Vec<String>,
-    /// Why the sweep by tag could not look for what the build made but could not record.
-    unchecked: Option<String>,
-}
-
-impl Leftovers {
-    /// `None` when everything was removed and checked; else what is left and what to do.
-    fn sentence(&self, gc_hint: &str) -> Option<String> {
-        if !self.kept.is_empty() {
-            Some(format!(
-                "left for debugging (--on-error abort): {}; {gc_hint}",
-                self.kept.join(", ")
-            ))
-        } else if !self.failed.is_empty() {
-            Some(format!(
-                "its cleanup failed, these are left: {}; {gc_hint}",
-                self.failed.join("; ")
-            ))
-        } else {
-            self.unchecked.as_ref().map(|why| {
-                format!(
-                    "what it recorded was removed, but it could not check for leftovers ({why}); \
-                     {}",
-                    gc_hint.replace(" removes them", " finds and removes any")
-                )
-            })
-        }
-    }
-}
-
-/// Undoes what the build recorded, then sweeps by tag for anything it made but could not record
-/// (an API call cut off by Ctrl-C). A second Ctrl-C only says what is still being removed.
-/// Returns what is left.
-async fn cleanup(aws: &Aws, undo: &Undo, build_id: &str, progress: &Progress) -> Leftovers {
-    let work = async {
-        let mut failed = undo.run(aws, progress).await;
-        let sel = gc::Selector {
-            older_than: None,
-            build_id: Some(build_id.to_string()),
-        };
-        let mut unchecked = None;
-        match gc::find(aws, &sel).await {
-            Ok(found) => failed.extend(gc::remove(aws, &found, progress).await),
-            Err(e) => {
-                progress.warn(&format!(
-                    "could not check for leftovers of build {build_id}: {e}"
-                ));
-                unchecked = Some(e.to_string());
-            }
-        }
-        (failed, unchecked)
-    };
-    let nag = async {
-        loop {
-            let what = interrupted().await;
-            let left: Vec<String> = undo.remaining().iter().map(|r| r.to_string()).collect();
-            eprintln!(
-                "{what} again: still removing {}; jbake exits when it is done (kill -9 leaves them to `jbake gc`)",
-                if left.is_empty() { "the last resources".to_string() } else { left.join(", ") }
-            );
-        }
-    };
-    let (failed, unchecked) = tokio::select! {
-        f = work => f,
-        _ = nag => (Vec::new(), None),
-    };
-    // A resource the undo stack failed on is found again by the sweep: name it once, with the
-    // last error.
-    let mut left: Vec<(String, String)> = Vec::new();
-    for (r, e) in &failed {
-        let name = r.to_string();
-        match left.iter_mut().find(|(n, _)| *n == name) {
-            Some(entry) => entry.1 = e.to_string(),
-            None => left.push((name, e.to_string())),
-        }
-    }
-    if !left.is_empty() {
-        let list: Vec<String> = left.iter().map(|(r, e)| format!("{r} ({e})")).collect();
-        progress.warn(&format!(
-            "cleanup could not remove: {}; they are tagged jbake:build-id={build_id}: `jbake gc --region {} --build-id {build_id}` removes them",
-            list.join("; "),
-            aws.region
-        ));
-    }
-    Leftovers {
-        kept: Vec::new(),
-        failed: left.into_iter().map(|(r, _)| r).collect(),
-        unchecked,
+        Outcome::Interrupted(why) => Err(Failure::Interrupted(format!(
+            "{why} (build {build_id}); {}",
+            left.unwrap_or_else(|| "its temporary resources were removed".to_string())
+        ))),
     }
 }
 
@@ -472,28 +363,31 @@ pub async fn gc_cmd(args: GcArgs, output: Output, quiet: bool) -> Result<(), Fai
         older_than: args.older_than,
         build_id: args.build_id.clone(),
     };
-    let found = gc::find(&aws, &sel)
+    let found = gc::find(&aws, &sel, gc::Busy::Spare)
         .await
         .map_err(|e| Failure::Runtime(e.into()))?;
-    if found.is_empty() {
+    for s in &found.skipped {
+        progress.warn(&format!("left {}: {}", s.what, s.why));
+    }
+    if found.remove.is_empty() {
         progress.info("gc", "nothing to remove");
         return Ok(());
     }
     if args.dry_run {
-        for r in &found {
+        for (r, _) in &found.remove {
             progress.info("gc", &format!("would remove {r}"));
         }
         return Ok(());
     }
     let failed = gc::remove(&aws, &found, &progress).await;
     if failed.is_empty() {
-        progress.info("gc", &format!("removed {} resources", found.len()));
+        progress.info("gc", &format!("removed {} resources", found.remove.len()));
         Ok(())
     } else {
         Err(Failure::Runtime(anyhow::anyhow!(
             "{} of {} resources could not be removed",
             failed.len(),
-            found.len()
+            found.remove.len()
         )))
     }
 }
@@ -515,5 +409,11 @@ mod tests {
         assert!(parse_cidr("10.0.0.0").is_err());
         assert!(parse_instance_type("t3.small").is_ok());
         assert!(parse_instance_type("small").is_err());
+        assert!(parse_build_id("20261129-031055-46429b").is_ok());
+        assert!(parse_build_id("../x").is_err());
+        assert!(parse_ttl("2h").is_ok());
+        assert!(parse_ttl("30s").is_err());
+        assert!(parse_ttl("169h").is_err());
+        assert!(parse_ttl("99999999999999999999h").is_err());
     }
 }

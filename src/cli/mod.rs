@@ -193,7 +193,7 @@ pub enum Failure {
     Input(anyhow::Error),
     /// Connection or step failure: exit 1.
     Runtime(anyhow::Error),
-    /// SIGINT/SIGTERM: exit 130.
+    /// SIGINT/SIGTERM/SIGHUP: exit 130.
     Interrupted(String),
 }
 
@@ -412,7 +412,7 @@ async fn apply(args: ApplyArgs, output: Output, quiet: bool) -> Result<(), Failu
             // The connection is gone with `work`; stop the step still running on the machine.
             let pid = broker_pid.load(Ordering::SeqCst);
             if pid != 0 {
-                eprintln!("interrupted {what}: stopping the running step on {}", stop_with.target);
+                crate::progress::err_line(&format!("interrupted {what}: stopping the running step on {}", stop_with.target));
                 stop_remote_step(stop_with, pid).await;
             }
             return Err(Failure::Interrupted(what));
@@ -442,25 +442,68 @@ async fn stop_remote_step(mut connect: ConnectOptions, broker_pid: u32) {
     };
     match tokio::time::timeout(Duration::from_secs(15), stop).await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => eprintln!("warning: could not stop the remote step: {e}"),
-        Err(_) => eprintln!("warning: could not stop the remote step: no answer within 15s"),
+        Ok(Err(e)) => {
+            crate::progress::err_line(&format!("warning: could not stop the remote step: {e}"))
+        }
+        Err(_) => crate::progress::err_line(
+            "warning: could not stop the remote step: no answer within 15s",
+        ),
     }
 }
 
-/// Resolves on SIGINT or SIGTERM, saying which.
+/// Resolves on SIGINT, SIGTERM or SIGHUP (a closed terminal or SSH session), saying which.
 pub(crate) async fn interrupted() -> String {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
+        if let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => return "(SIGINT)".to_string(),
                 _ = term.recv() => return "(SIGTERM)".to_string(),
+                _ = hup.recv() => return "(SIGHUP)".to_string(),
             }
         }
     }
     let _ = tokio::signal::ctrl_c().await;
     "(SIGINT)".to_string()
+}
+
+/// SIGINT, SIGTERM and SIGHUP, from now on, as an [`Interrupt`](crate::bake::Interrupt) for
+/// the bakes: every signal is passed on (the first stops them, the next ones make their cleanup
+/// say what it is still removing).
+pub(crate) fn signal_interrupt() -> crate::bake::Interrupt {
+    let (tx, rx) = crate::bake::interrupt::channel();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let signals = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        );
+        if let (Ok(mut int), Ok(mut term), Ok(mut hup)) = signals {
+            tokio::spawn(async move {
+                loop {
+                    let why = tokio::select! {
+                        _ = int.recv() => "(SIGINT)",
+                        _ = term.recv() => "(SIGTERM)",
+                        _ = hup.recv() => "(SIGHUP)",
+                    };
+                    tx.interrupt(why);
+                }
+            });
+            return rx;
+        }
+    }
+    tokio::spawn(async move {
+        while tokio::signal::ctrl_c().await.is_ok() {
+            tx.interrupt("(SIGINT)");
+        }
+    });
+    rx
 }
 
 #[cfg(test)]

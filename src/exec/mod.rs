@@ -305,7 +305,8 @@ impl<'p> Executor<'p> {
                 Err(e) => return (Err(e), 1),
             }
         }
-        let max = step.retries + 1;
+        // A recipe's `retries` is user input: never overflow.
+        let max = step.retries.saturating_add(1);
         let mut attempt = 1;
         loop {
             match self.attempt(step).await {
@@ -323,7 +324,7 @@ impl<'p> Executor<'p> {
                     self.progress
                         .step_retry(step, attempt, max, &detail, step.delay);
                     tokio::time::sleep(step.delay).await;
-                    attempt += 1;
+                    attempt = attempt.saturating_add(1);
                 }
             }
         }
@@ -650,10 +651,11 @@ impl<'p> Executor<'p> {
         if let Some(session) = self.session.take() {
             session.close().await;
         }
-        let deadline = Instant::now() + timeout;
+        // `reboot.timeout` is user input: a deadline past what `Instant` can hold is no deadline.
+        let deadline = Instant::now().checked_add(timeout);
         tokio::time::sleep(Duration::from_secs(2)).await;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = remaining(deadline);
             if left.is_zero() {
                 return Err(Failure::from(self.lost(
                     step,
@@ -706,6 +708,14 @@ impl<'p> Executor<'p> {
         );
         self.wait_for_cloud_init().await?;
         Ok(StepStatus::Changed)
+    }
+}
+
+/// What is left of a deadline (`None`: none, the timeout did not fit in an `Instant`).
+fn remaining(deadline: Option<Instant>) -> Duration {
+    match deadline {
+        Some(d) => d.saturating_duration_since(Instant::now()),
+        None => Duration::MAX,
     }
 }
 
@@ -849,6 +859,17 @@ mod tests {
         assert_eq!(seen[2], (Stream::Stdout, "bc".to_string()));
         assert_eq!(l.tail.len(), TAIL);
         assert_eq!(l.tail.back().map(String::as_str), Some("n29"));
+    }
+
+    #[test]
+    fn a_huge_timeout_is_no_deadline_and_never_overflows() {
+        let huge = Duration::from_secs(u64::MAX);
+        assert_eq!(remaining(Instant::now().checked_add(huge)), Duration::MAX);
+        assert!(
+            remaining(Instant::now().checked_add(Duration::from_secs(60)))
+                <= Duration::from_secs(60)
+        );
+        assert!(exit_detail(124, huge).contains("timed out after"));
     }
 
     #[test]

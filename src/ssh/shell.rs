@@ -200,7 +200,9 @@ impl RootShell {
         request.push_str(&self.marker);
         request.push('\n');
         self.send(request.into_bytes()).await?;
-        self.collect(Some(timeout + GRACE), during, sink).await
+        // A step's `timeout` is user input: never overflow.
+        self.collect(Some(timeout.saturating_add(GRACE)), during, sink)
+            .await
     }
 
     /// Sends `len` bytes from `data` to `$JBAKE_TMP/data` on the machine, for the next script.

@@ -11,8 +11,11 @@ Commands:
   iam-user {"policy"}                  new IAM user with that inline policy -> access key
   put-parameter {"name","value","secure"}
   register-image {"name","tags"}       an AMI (from a fresh snapshot) to use as a base
-  watch {"tag_key"}                    forever: one JSON line per new running instance,
-                                       with its decoded user data and key pair public key
+  plant {"build_id", ...}              key pair, group, instance, image tagged like a build's,
+                                       named as given (gc tests)
+  watch {"tag_key","instance_type"}    forever: one JSON line per new running instance
+                                       (of that type, when given), with its decoded user
+                                       data and key pair public key
 """
 
 import base64
@@ -78,6 +81,7 @@ def resources(args):
             "name": im.get("Name"),
             "state": im.get("State"),
             "tags": tags(im.get("Tags")),
+            "imds_support": im.get("ImdsSupport"),
             "snapshot_ids": [
                 b["Ebs"]["SnapshotId"]
                 for b in im.get("BlockDeviceMappings", [])
@@ -85,8 +89,14 @@ def resources(args):
             ],
         })
     snapshots = [
-        {"id": s["SnapshotId"], "tags": tags(s.get("Tags"))}
-        for s in ec2.describe_snapshots(OwnerIds=["self"])["Snapshots"]
+        {
+            "id": s["SnapshotId"],
+            "tags": tags(s.get("Tags")),
+            "state": s.get("State"),
+            "description": s.get("Description"),
+        }
+        for page in ec2.get_paginator("describe_snapshots").paginate(OwnerIds=["self"])
+        for s in page["Snapshots"]
     ]
     return {
         "instances": instances,
@@ -196,6 +206,46 @@ def register_image(args):
     return {"image_id": image["ImageId"], "snapshot_id": snapshot["SnapshotId"]}
 
 
+def plant(args):
+    """Resources tagged like a build's (jbake:build-id and times from args), named as given:
+    {"build_id", "created", "expires", "key_name", "group_name", "instance_key",
+    "instance_name", "image_name", "image_version", "image_complete", "public_key"}.
+    Returns their ids."""
+    ec2 = client("ec2", args.get("region"))
+    base = [
+        {"Key": "jbake:build-id", "Value": args["build_id"]},
+        {"Key": "jbake:recipe", "Value": "r"},
+        {"Key": "jbake:created-at", "Value": args["created"]},
+        {"Key": "jbake:expires-at", "Value": args["expires"]},
+    ]
+    spec = lambda rt, extra=(): [{"ResourceType": rt, "Tags": base + list(extra)}]
+    out = {}
+    if args.get("key_name"):
+        ec2.import_key_pair(KeyName=args["key_name"], PublicKeyMaterial=args["public_key"].encode(),
+                            TagSpecifications=spec("key-pair"))
+        out["key_pair"] = args["key_name"]
+    if args.get("group_name"):
+        out["group"] = ec2.create_security_group(
+            GroupName=args["group_name"], Description="planted",
+            TagSpecifications=spec("security-group"))["GroupId"]
+    if args.get("instance_name"):
+        img = ec2.describe_images(Owners=["137112412989"])["Images"][0]["ImageId"]
+        kw = {"KeyName": args["instance_key"]} if args.get("instance_key") else {}
+        r = ec2.run_instances(ImageId=img, MinCount=1, MaxCount=1, **kw,
+                              TagSpecifications=spec("instance", [{"Key": "Name", "Value": args["instance_name"]}]))
+        out["instance"] = r["Instances"][0]["InstanceId"]
+    if args.get("image_name"):
+        img = ec2.describe_images(Owners=["137112412989"])["Images"][0]["ImageId"]
+        r = ec2.run_instances(ImageId=img, MinCount=1, MaxCount=1)
+        iid = r["Instances"][0]["InstanceId"]
+        extra = [{"Key": "jbake:complete", "Value": args.get("image_complete", "false")},
+                 {"Key": "jbake:version", "Value": args.get("image_version", "2026.01.01-1")}]
+        out["image"] = ec2.create_image(InstanceId=iid, Name=args["image_name"],
+                                        TagSpecifications=spec("image", extra) + spec("snapshot"))["ImageId"]
+        ec2.terminate_instances(InstanceIds=[iid])
+    return out
+
+
 def watch(args):
     ec2 = client("ec2", args.get("region"))
     tag_key = args.get("tag_key")
@@ -205,6 +255,8 @@ def watch(args):
             filters = [{"Name": "instance-state-name", "Values": ["running"]}]
             if tag_key:
                 filters.append({"Name": "tag-key", "Values": [tag_key]})
+            if args.get("instance_type"):
+                filters.append({"Name": "instance-type", "Values": [args["instance_type"]]})
             reservations = ec2.describe_instances(Filters=filters)["Reservations"]
             for r in reservations:
                 for i in r["Instances"]:
@@ -240,6 +292,7 @@ COMMANDS = {
     "iam-user": iam_user,
     "put-parameter": put_parameter,
     "register-image": register_image,
+    "plant": plant,
     "watch": watch,
 }
 

@@ -124,3 +124,171 @@ pub fn bake_command(
     }
     cmd
 }
+
+/// The realistic AWS of the fault proxy (see fault_proxy.py), everything at once, in seconds:
+/// new instances, groups and images NotFound for their first 2 requests and missing from lists
+/// for 1 s; instances `pending` for 2 s and until the cloud-init stand-in served them (report it with
+/// `CloudInit::report_to`), `stopping` and `shutting-down` for 2 s (the group in use meanwhile,
+/// 1.5 s longer, and for the first delete after that),
+/// images and their snapshots `pending` for 3 s; every 9th request starts a burst of 2 throttled
+/// answers; the first answer to each create, stop, tag and delete is lost after it took effect
+/// (connection dropped, or HTTP 500).
+pub const REALISTIC: &str = r#"{
+    "seed": 7,
+    "not_found": 2,
+    "hide_s": 1.0,
+    "pending_until_ready": true,
+    "pending_s": 2,
+    "pending_max_s": 60,
+    "stopping_s": 2,
+    "shutting_down_s": 2,
+    "group_busy_s": 1.5,
+    "group_in_use": 1,
+    "image_pending_s": 3,
+    "throttle_every": 9,
+    "throttle_burst": 2,
+    "lose_once": ["ImportKeyPair", "CreateSecurityGroup", "AuthorizeSecurityGroupIngress",
+                  "RunInstances", "StopInstances", "CreateImage", "ModifyImageAttribute",
+                  "CreateTags", "TerminateInstances", "DeleteSecurityGroup", "DeleteKeyPair"],
+    "lose_how": ["drop", "500"]
+}"#;
+
+/// Only what makes the harness behave like EC2 at launch: an instance is `pending` until the
+/// cloud-init stand-in served it (instead of [`BOOTING`]'s fixed delay).
+pub const BOOTS_LIKE_EC2: &str = r#"{"pending_until_ready": true, "pending_max_s": 60}"#;
+
+/// An HTTPS stand-in for checkip.amazonaws.com on 127.0.0.1 (Python's `ssl`, a certificate from
+/// a test CA made with `openssl`): answers every GET with `answer`. Point jbake at it with
+/// `JBAKE_CHECKIP_URL=url()` and trust it with `SSL_CERT_FILE=ca()`. Stopped by PID on drop.
+pub struct CheckIp {
+    child: std::process::Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+const CHECKIP_PY: &str = r#"
+import http.server, ssl, sys
+answer = sys.argv[3].encode() + b"\n"
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+    def log_message(self, *args):
+        pass
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+print(srv.server_address[1], flush=True)
+srv.serve_forever()
+"#;
+
+impl CheckIp {
+    pub fn start(answer: &str) -> CheckIp {
+        let dir = tempfile::tempdir().expect("temp folder");
+        let d = dir.path();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(d)
+                .output()
+                .expect("run openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut ca = vec!["req", "-x509"];
+        ca.extend(ec);
+        ca.extend([
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=jbake checkip test CA",
+        ]);
+        openssl(&ca);
+        let mut csr = vec!["req"];
+        csr.extend(ec);
+        csr.extend([
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        openssl(&csr);
+        std::fs::write(
+            d.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("write ext.cnf");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "ext.cnf",
+        ]);
+        let mut child = super::command("python3")
+            .args(["-c", CHECKIP_PY, "server.pem", "server.key", answer])
+            .current_dir(d)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the checkip stand-in");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+            &mut line,
+        )
+        .expect("read the checkip stand-in's port");
+        let port = line
+            .trim()
+            .parse()
+            .expect("the checkip stand-in prints its port");
+        CheckIp { child, port, dir }
+    }
+
+    /// `https://127.0.0.1:PORT/`.
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}/", self.port)
+    }
+
+    /// The test CA's certificate (PEM), for `SSL_CERT_FILE`.
+    pub fn ca(&self) -> std::path::PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+}
+
+impl Drop for CheckIp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

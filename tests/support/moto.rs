@@ -455,6 +455,8 @@ pub struct ImageInfo {
     pub name: Option<String>,
     pub state: Option<String>,
     pub tags: BTreeMap<String, String>,
+    /// `v2.0`: instances launched from it are IMDSv2-only.
+    pub imds_support: Option<String>,
     pub snapshot_ids: Vec<String>,
 }
 
@@ -462,6 +464,9 @@ pub struct ImageInfo {
 pub struct SnapshotInfo {
     pub id: String,
     pub tags: BTreeMap<String, String>,
+    pub state: Option<String>,
+    /// `Created by CreateImage(i-…) for ami-…` for an image's snapshot.
+    pub description: Option<String>,
 }
 
 /// EC2 state of one region at one moment. Images and snapshots are this account's
@@ -522,6 +527,55 @@ impl Resources {
         found
     }
 
+    /// What builds must not leave, as `kind id` lines (empty when clean): instances not
+    /// terminated, key pairs and security groups, images not complete (`jbake:complete` not
+    /// `true`, deregistered ones aside), and snapshots that no registered complete image uses.
+    /// Of `build_id`'s resources only, or of every build (anything tagged `jbake:build-id`, or
+    /// named `jbake-…`) with `None`. A complete image and its snapshots are a build's result.
+    pub fn leftovers_of(&self, build_id: Option<&str>) -> Vec<String> {
+        let ours = |tags: &BTreeMap<String, String>| match build_id {
+            Some(id) => tags.get(BUILD_TAG).map(String::as_str) == Some(id),
+            None => tags.contains_key(BUILD_TAG),
+        };
+        let mut left = Vec::new();
+        for i in self.live_instances() {
+            if ours(&i.tags) {
+                left.push(format!("instance {} ({})", i.id, i.state));
+            }
+        }
+        for k in &self.key_pairs {
+            if ours(&k.tags) || (build_id.is_none() && k.name.starts_with("jbake-")) {
+                left.push(format!("key-pair {}", k.name));
+            }
+        }
+        for g in &self.security_groups {
+            if ours(&g.tags) || (build_id.is_none() && g.name.starts_with("jbake-")) {
+                left.push(format!("security-group {} ({})", g.id, g.name));
+            }
+        }
+        let complete = |i: &ImageInfo| {
+            i.tags.get("jbake:complete").map(String::as_str) == Some("true")
+                && i.state.as_deref() != Some("deregistered")
+        };
+        for im in &self.images {
+            if ours(&im.tags) && !complete(im) && im.state.as_deref() != Some("deregistered") {
+                left.push(format!("image {} ({:?})", im.id, im.state));
+            }
+        }
+        let used: Vec<&String> = self
+            .images
+            .iter()
+            .filter(|i| complete(i))
+            .flat_map(|i| i.snapshot_ids.iter())
+            .collect();
+        for s in &self.snapshots {
+            if ours(&s.tags) && !used.contains(&&s.id) {
+                left.push(format!("snapshot {} ({:?})", s.id, s.description));
+            }
+        }
+        left
+    }
+
     /// Key pairs whose name starts with `jbake-`.
     pub fn jbake_key_pairs(&self) -> Vec<&KeyPairInfo> {
         self.key_pairs
@@ -548,6 +602,9 @@ pub struct ProxyLogEntry {
     pub action: String,
     /// True when the proxy answered with an error or dropped the connection.
     pub fault: bool,
+    /// The realistic world's fault (`throttle`, `not_found`, `dependency`, `lost`), if any.
+    #[serde(default)]
+    pub world: Option<String>,
 }
 
 /// A reverse proxy in front of moto that injects faults (`fault_proxy.py`); killed by
@@ -607,6 +664,50 @@ impl FaultProxy {
         }
     }
 
+    /// Turns the realistic AWS on (a JSON object, see fault_proxy.py: NotFound after create,
+    /// pending/stopping/shutting-down/image pending in scaled seconds, throttling bursts, lost
+    /// answers, ...) or off (`"null"`). Rules set with [`set`](Self::set) still apply first.
+    pub fn world(&self, config_json: &str) {
+        match http(
+            self.port,
+            "POST",
+            "/__fault__/world",
+            "application/json",
+            config_json,
+        ) {
+            Ok((200, _)) => {}
+            other => panic!("fault proxy: setting the world {config_json}: {other:?}"),
+        }
+    }
+
+    /// What the realistic world injected so far, by kind (`throttle`, `not_found`, `lost`,
+    /// `dependency`, `hidden`, `pending`, `stopping`, `shutting-down`, `image_pending`,
+    /// `snapshot_pending`); empty when it is off.
+    pub fn world_stats(&self) -> BTreeMap<String, u64> {
+        match http(self.port, "GET", "/__fault__/world", "text/plain", "") {
+            Ok((200, text)) => serde_json::from_str::<Option<BTreeMap<String, u64>>>(&text)
+                .unwrap_or_else(|e| panic!("fault proxy world stats are not JSON ({e}): {text}"))
+                .unwrap_or_default(),
+            other => panic!("fault proxy: reading the world stats: {other:?}"),
+        }
+    }
+
+    /// Lets the requests held by rules with `"hold": KEY` go on (and any such request that
+    /// comes later).
+    pub fn release(&self, key: &str) {
+        let body = serde_json::json!({ "hold": key }).to_string();
+        match http(
+            self.port,
+            "POST",
+            "/__fault__/release",
+            "application/json",
+            &body,
+        ) {
+            Ok((200, _)) => {}
+            other => panic!("fault proxy: releasing {key}: {other:?}"),
+        }
+    }
+
     /// Every request seen so far, in order.
     pub fn log(&self) -> Vec<ProxyLogEntry> {
         match http(self.port, "GET", "/__fault__/log", "text/plain", "") {
@@ -656,6 +757,8 @@ enum Target {
 pub struct CloudInit {
     watcher: Child,
     served: Arc<Mutex<Vec<Served>>>,
+    /// Fault proxies told when an instance is served ([`CloudInit::report_to`]).
+    report: Arc<Mutex<Vec<u16>>>,
     errors: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -690,14 +793,53 @@ impl CloudInit {
         Self::start(moto, Some(BUILD_TAG), Target::Sshd(sshd.reload_handle()))
     }
 
+    /// [`for_instance`](Self::for_instance), serving only instances of `instance_type`: two
+    /// builds at once (`--instance-type` told apart) each get their own machine.
+    pub fn for_instance_of_type(
+        moto: &Moto,
+        instance: &Instance,
+        instance_type: &str,
+    ) -> CloudInit {
+        Self::start_filtered(
+            moto,
+            None,
+            Some(instance_type),
+            Target::Instance {
+                name: instance.name.clone(),
+                user: instance.user.clone(),
+            },
+        )
+    }
+
+    /// From now on every instance served is reported to `proxy` (POST /__fault__/ready), whose
+    /// realistic world (`"pending_until_ready": true`) shows it `pending` until then: like EC2,
+    /// where sshd answers with the user-data host key only once cloud-init installed it.
+    pub fn report_to(&self, proxy: &FaultProxy) {
+        self.report.lock().expect("report lock").push(proxy.port);
+    }
+
     fn start(moto: &Moto, tag_key: Option<&str>, target: Target) -> CloudInit {
+        Self::start_filtered(moto, tag_key, None, target)
+    }
+
+    fn start_filtered(
+        moto: &Moto,
+        tag_key: Option<&str>,
+        instance_type: Option<&str>,
+        target: Target,
+    ) -> CloudInit {
         let (key, secret) = moto.creds.lock().expect("creds lock").clone();
         let mut cmd = super::command("python3");
         cmd.arg(helper("awsctl.py"))
             .arg("watch")
             .arg(
-                serde_json::json!({ "tag_key": tag_key, "region": REGION, "interval": 0.1 })
-                    .to_string(),
+                serde_json::json!({
+                    "tag_key": tag_key,
+                    "instance_type": instance_type,
+                    "region": REGION,
+                    "interval": 0.1,
+                })
+                .to_string(),
             )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -708,8 +850,10 @@ impl CloudInit {
         let served = Arc::new(Mutex::new(Vec::new()));
         let errors = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
+        let report: Arc<Mutex<Vec<u16>>> = Arc::new(Mutex::new(Vec::new()));
         let thread = {
             let (served, errors, stop) = (served.clone(), errors.clone(), stop.clone());
+            let report = report.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stdout).lines() {
                     let Ok(line) = line else { break };
@@ -720,7 +864,20 @@ impl CloudInit {
                         .map_err(|e| format!("watcher printed {line:?}: {e}"))
                         .and_then(|launched| serve(&target, &launched));
                     match result {
-                        Ok(s) => served.lock().expect("served lock").push(s),
+                        Ok(s) => {
+                            let body =
+                                serde_json::json!({ "instance_id": s.instance_id }).to_string();
+                            for port in report.lock().expect("report lock").iter() {
+                                let _ = http(
+                                    *port,
+                                    "POST",
+                                    "/__fault__/ready",
+                                    "application/json",
+                                    &body,
+                                );
+                            }
+                            served.lock().expect("served lock").push(s)
+                        }
                         Err(e) => {
                             eprintln!("CloudInit: {e}");
                             errors.lock().expect("errors lock").push(e);
@@ -732,6 +889,7 @@ impl CloudInit {
         CloudInit {
             watcher,
             served,
+            report,
             errors,
             stop,
             thread: Some(thread),

@@ -246,6 +246,87 @@ def _world_endpoint(self, environ, start_response):
 werkzeug_app.DomainDispatcherApplication.__call__ = _world_endpoint
 # ---- jbake roll: END ---------------------------------------------------------------------------
 
+
+# ---------------------------------------------------------------------------------------------
+# bake: what EC2 does at CreateImage, ModifyImageAttribute and RunInstances that moto 5.2.5
+# does not (the harness is patched, never the product). Owned by the bake tests
+# (tests/build.rs); other patches go in their own block.
+#
+# - CreateImage with a `snapshot` TagSpecification raised NotImplementedError (HTTP 500): the
+#   tags now go on the image's snapshot, as AWS does.
+# - CreateImage accepted a name this account already uses in the region; AWS answers
+#   `InvalidAMIName.Duplicate` (what a retried CreateImage whose first answer was lost gets).
+# - ModifyImageAttribute ignored `ImdsSupport` (the AMI then launches IMDSv2-only): it is
+#   recorded and shown by DescribeImages (`ImdsSupport`) and DescribeImageAttribute.
+# - RunInstances ignored `ClientToken`: the same token now returns the reservation it made,
+#   as AWS does (what a retried RunInstances whose first answer was lost gets).
+# ---------------------------------------------------------------------------------------------
+
+
+def _install_bake_patches():
+    from moto.core.responses import EmptyResult
+    from moto.ec2.exceptions import EC2ClientError
+    from moto.ec2.models.amis import AmiBackend
+    from moto.ec2.models.instances import InstanceBackend
+    from moto.ec2.responses.amis import AmisResponse
+
+    create_image = AmiBackend.create_image
+
+    def create_image_like_aws(self, instance_id, name, description, tag_specifications):
+        for ami in list(self.amis.values()):
+            if ami.name == name and ami.owner_id == self.account_id:
+                raise EC2ClientError(
+                    "InvalidAMIName.Duplicate",
+                    f"AMI name {name} is already in use by AMI {ami.id}",
+                )
+        image_specs = [s for s in tag_specifications or [] if s.get("ResourceType") != "snapshot"]
+        snapshot_tags = {}
+        for spec in tag_specifications or []:
+            if spec.get("ResourceType") == "snapshot":
+                for tag in spec.get("Tags", []):
+                    snapshot_tags[tag["Key"]] = tag["Value"]
+        ami = create_image(self, instance_id, name, description, tag_specifications=image_specs)
+        if snapshot_tags:
+            self.create_tags([ami.ebs_snapshot.id], snapshot_tags)
+        return ami
+
+    modify_image_attribute = AmisResponse.modify_image_attribute
+
+    def modify_image_attribute_with_imds(self):
+        imds = self._get_param("ImdsSupport.Value") or self._get_param("ImdsSupport")
+        if isinstance(imds, dict):
+            imds = imds.get("Value")
+        if imds is None:
+            return modify_image_attribute(self)
+        if imds != "v2.0":
+            raise EC2ClientError(
+                "InvalidParameterValue", f"Value ({imds}) for parameter ImdsSupport is invalid."
+            )
+        self.error_on_dryrun()
+        ami = self.ec2_backend.describe_images(ami_ids=[self._get_param("ImageId")])[0]
+        ami.imds_support = "v2.0"
+        ami.imds = "v2.0"
+        return EmptyResult()
+
+    run_instances = InstanceBackend.run_instances
+
+    def run_instances_idempotent(self, image_id, count, user_data, security_group_names, **kwargs):
+        token = kwargs.get("client_token")
+        if token and token != "ABCDE":
+            for reservation in self.reservations.values():
+                if any(getattr(i, "client_token", None) == token for i in reservation.instances):
+                    return reservation
+        return run_instances(self, image_id, count, user_data, security_group_names, **kwargs)
+
+    AmiBackend.create_image = create_image_like_aws
+    AmisResponse.modify_image_attribute = modify_image_attribute_with_imds
+    InstanceBackend.run_instances = run_instances_idempotent
+
+
+_install_bake_patches()
+# ------------------------------------------------------------------------ end of the bake block
+
+
 if __name__ == "__main__":
     from moto.server import main
 

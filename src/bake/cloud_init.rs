@@ -11,14 +11,12 @@ use crate::util::shell_quote;
 /// connection verifies the host key strictly, and (b) schedules a watchdog shutdown after `ttl`
 /// (with shutdown behaviour "terminate", even a jbake killed with SIGKILL cannot leave the
 /// instance running past it). `bootcmd` runs at every boot, so a `reboot` step re-arms it.
-pub fn user_data(host_key: &PrivateKey, ttl_minutes: u64) -> Result<String, String> {
-    let private = host_key
-        .to_openssh(LineEnding::LF)
-        .map_err(|e| format!("cannot encode the host key: {e}"))?;
-    let public = host_key
-        .public_key()
-        .to_openssh()
-        .map_err(|e| format!("cannot encode the host key: {e}"))?;
+pub fn user_data(
+    host_key: &PrivateKey,
+    ttl_minutes: u64,
+) -> Result<String, russh::keys::ssh_key::Error> {
+    let private = host_key.to_openssh(LineEnding::LF)?;
+    let public = host_key.public_key().to_openssh()?;
     let mut private_block = String::new();
     for line in private.lines() {
         private_block.push_str("    ");
@@ -62,6 +60,21 @@ rm -rf /var/lib/cloud/instances /var/lib/cloud/instance /var/lib/cloud/data/* 2>
 # Identity of this machine: systemd makes a new one at first boot.
 if [ -e /etc/machine-id ]; then : > /etc/machine-id; fi
 rm -f /var/lib/dbus/machine-id
+# The build's journal: instances from the image start their own (journald keeps writing to
+# the removed files until it stops; nothing of it is on the disk that is snapshotted).
+if command -v journalctl >/dev/null 2>&1; then
+  journalctl --rotate >/dev/null 2>&1 || true
+  journalctl --vacuum-time=1s >/dev/null 2>&1 || true
+fi
+rm -rf /var/log/journal/* /run/log/journal/* 2>/dev/null || true
+# The random seed, which every instance from the image would share. Stopping the service saves
+# a seed, so it is stopped first; stopped, it saves none at shutdown.
+systemctl stop systemd-random-seed.service >/dev/null 2>&1 || true
+rm -f /var/lib/systemd/random-seed
+# DHCP leases of the build's network.
+for d in /var/lib/dhcp /var/lib/dhclient /var/lib/NetworkManager /var/lib/dhcpcd /var/lib/dhcpcd5 /var/lib/systemd/network; do
+  [ -d "$d" ] && find "$d" -maxdepth 1 -type f -name '*lease*' -delete 2>/dev/null || true
+done
 # Shell history, caches and temporary files (but not the folder this script runs from).
 rm -f /root/.bash_history /home/*/.bash_history /root/.lesshst /root/.viminfo
 if command -v apt-get >/dev/null 2>&1; then apt-get clean; fi
@@ -100,5 +113,12 @@ mod tests {
         assert!(s.contains("grep -vF AAAAC3NzaC1lZDI1NTE5AAAAIJdD"));
         assert!(s.contains("rm -f /etc/ssh/ssh_host_*"));
         assert!(s.contains("! -path \"$JBAKE_TMP\""));
+        for gone in [
+            "/var/log/journal/*",
+            "/var/lib/systemd/random-seed",
+            "*lease*",
+        ] {
+            assert!(s.contains(gone), "{gone}");
+        }
     }
 }

@@ -1,0 +1,248 @@
+//! Stages launch, connect, provision, hygiene and stop: the build instance.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use russh::keys::PublicKeyBase64;
+
+use crate::aws::ec2::{InstanceInfo, Launch};
+use crate::aws::wait::{self, not_yet_visible};
+use crate::aws::{self};
+use crate::exec::{self, Executor};
+use crate::progress::StepRow;
+use crate::recipe::{Action, Origin, Phase, Plan, Step};
+use crate::ssh::{ConnectOptions, HostKeyPolicy, Identity, Target};
+
+use super::super::ledger::{Entry, Resource};
+use super::super::{cloud_init, Error, SshInterface};
+use super::access::{Group, Keys};
+use super::base::Resolved;
+use super::{settle, wait_for, Bake};
+
+/// The running build instance.
+pub struct Launched {
+    pub id: String,
+    pub entry: Entry,
+    pub info: InstanceInfo,
+}
+
+pub async fn launch(
+    b: &mut Bake,
+    r: &Resolved,
+    keys: &Keys,
+    group: &Group,
+) -> Result<Launched, Error> {
+    let instance_type = b
+        .opts
+        .instance_type
+        .clone()
+        .unwrap_or_else(|| r.plan.instance.instance_type.clone());
+    let ttl_minutes = b.opts.ttl.as_secs().div_ceil(60).max(1);
+    let user_data = cloud_init::user_data(&keys.host, ttl_minutes).map_err(Error::Key)?;
+    b.progress.info(
+        "stage",
+        &format!("launching a {instance_type} from {}", r.base.id),
+    );
+    let launch = Launch {
+        image_id: r.base.id.clone(),
+        instance_type: instance_type.clone(),
+        key_name: keys.name.clone(),
+        security_group_id: group.id.clone(),
+        subnet_id: b.opts.subnet_id.clone(),
+        iam_instance_profile: b.opts.iam_instance_profile.clone(),
+        root_device: r
+            .base
+            .root_device
+            .clone()
+            .unwrap_or_else(|| "/dev/xvda".to_string()),
+        volume_gb: i32::try_from(r.plan.instance.volume_gb).unwrap_or(i32::MAX),
+        user_data,
+        tags: r.tags_named(format!("jbake build {} {}", r.plan.name, b.build_id)),
+        // The same token on every try: EC2 launches once, however often the call is repeated.
+        client_token: format!("jbake-{}", b.build_id),
+    };
+    // Recorded first: if the answer is lost, the undo finds the instance by the build's tag.
+    let entry = b.ledger.record(Resource::Instance { id: None });
+    let created = Instant::now();
+    let aws = &b.aws;
+    let launched = settle(
+        &b.progress,
+        &format!("security group {} to be usable", group.id),
+        || async {
+            match aws.ec2.run_instance(&launch).await {
+                Ok(id) => Ok(wait::Poll::Ready(Ok(id))),
+                // The group was just made: EC2 may not know it everywhere yet.
+                Err(e) if e.is_code("InvalidGroup.NotFound") && not_yet_visible(created) => {
+                    Ok(wait::Poll::Pending("not visible yet".into()))
+                }
+                Err(e) => Ok(wait::Poll::Ready(Err(e))),
+            }
+        },
+    )
+    .await?;
+    let id = match launched {
+        Ok(id) => id,
+        Err(e) => {
+            if e.refused() {
+                b.ledger.never_made(entry);
+            }
+            return Err(e.into());
+        }
+    };
+    b.ledger.update(entry, |res| {
+        *res = Resource::Instance {
+            id: Some(id.clone()),
+        }
+    });
+    b.progress
+        .info("launched", &format!("instance {id} launched"));
+    let (ledger, id_ref) = (&b.ledger, id.as_str());
+    let info = wait_for(
+        &b.progress,
+        &format!("instance {id} to run"),
+        Duration::from_secs(600),
+        || async {
+            let i = match aws.ec2.instance(id_ref).await {
+                Ok(Some(i)) => i,
+                Ok(None) => return Ok(wait::Poll::Pending("not visible yet".to_string())),
+                Err(e) if e.is_not_found() && not_yet_visible(created) => {
+                    return Ok(wait::Poll::Pending("not visible yet".to_string()))
+                }
+                Err(e) => return Err(e),
+            };
+            ledger.seen(entry);
+            Ok(match i.state.as_str() {
+                "running" => wait::Poll::Ready(Ok(i)),
+                "pending" => wait::Poll::Pending(i.state),
+                _ => wait::Poll::Ready(Err(i.state)),
+            })
+        },
+    )
+    .await?
+    .map_err(|state| Error::InstanceGone {
+        id: id.clone(),
+        state,
+    })?;
+    Ok(Launched { id, entry, info })
+}
+
+/// Where and how to connect: the instance's IP (or `--ssh-host`), the build's client key, the
+/// one-time host key pinned.
+pub fn target(
+    b: &Bake,
+    r: &Resolved,
+    keys: &Keys,
+    launched: &Launched,
+) -> Result<ConnectOptions, Error> {
+    let host = match (&b.opts.ssh_host, b.opts.ssh_interface) {
+        (Some(h), _) => h.clone(),
+        (None, SshInterface::Public) => {
+            launched
+                .info
+                .public_ip
+                .clone()
+                .ok_or_else(|| Error::NoAddress {
+                    instance: launched.id.clone(),
+                    interface: "public",
+                    hint: "use --ssh-interface private (from inside the VPC), --bastion, or a subnet that assigns public IPs",
+                })?
+        }
+        (None, SshInterface::Private) => {
+            launched
+                .info
+                .private_ip
+                .clone()
+                .ok_or_else(|| Error::NoAddress {
+                    instance: launched.id.clone(),
+                    interface: "private",
+                    hint: "EC2 has not given it one yet",
+                })?
+        }
+    };
+    Ok(ConnectOptions {
+        target: Target {
+            user: r.plan.base.ssh_user.clone(),
+            host,
+            port: b.opts.ssh_port,
+        },
+        identity: Identity::Key(keys.client.clone()),
+        host_key: HostKeyPolicy::Pinned(keys.host.public_key().clone()),
+        deadline: b.opts.connect_timeout,
+        keepalive: Duration::from_secs(15),
+        jump: b.opts.jump.clone(),
+    })
+}
+
+/// The recipe's steps and checks.
+pub async fn provision(
+    ex: &mut Executor<'_>,
+    plan: &Plan,
+) -> Result<Vec<StepRow>, (exec::Error, exec::Report)> {
+    ex.run_plan(plan).await.map(|r| r.rows)
+}
+
+/// Image hygiene, always, as the last thing on the machine.
+pub async fn hygiene(
+    ex: &mut Executor<'_>,
+    plan: &Plan,
+    keys: &Keys,
+) -> Result<Vec<StepRow>, (exec::Error, exec::Report)> {
+    let hygiene = Plan {
+        steps: vec![internal_step(
+            "Image hygiene",
+            cloud_init::hygiene_script(&keys.client.public_key_base64()),
+        )],
+        validate: Vec::new(),
+        ..plan.clone()
+    };
+    ex.run_plan(&hygiene).await.map(|r| r.rows)
+}
+
+/// A step jbake adds itself (image hygiene), shown like the recipe's own.
+fn internal_step(name: &str, script: String) -> Step {
+    Step {
+        number: 1,
+        phase: Phase::Steps,
+        name: name.to_string(),
+        origin: Origin {
+            file: PathBuf::from("<jbake>"),
+            line: 0,
+            column: 0,
+        },
+        action: Action::Run { script },
+        user: None,
+        env: Vec::new(),
+        retries: 0,
+        delay: Duration::from_secs(1),
+        timeout: Some(Duration::from_secs(600)),
+        when: None,
+        creates: None,
+    }
+}
+
+pub async fn stop(b: &mut Bake, launched: &Launched) -> Result<(), Error> {
+    let id = launched.id.as_str();
+    b.progress.info("stage", &format!("stopping {id}"));
+    b.aws.ec2.stop_instance(id).await?;
+    let aws = &b.aws;
+    wait_for(
+        &b.progress,
+        &format!("instance {id} to stop"),
+        Duration::from_secs(900),
+        || async {
+            Ok::<_, aws::Error>(match aws.ec2.instance(id).await? {
+                Some(i) if i.state == "stopped" => wait::Poll::Ready(Ok(())),
+                Some(i) if i.state == "terminated" || i.state == "shutting-down" => {
+                    wait::Poll::Ready(Err(i.state))
+                }
+                Some(i) => wait::Poll::Pending(i.state),
+                None => wait::Poll::Pending("not visible".to_string()),
+            })
+        },
+    )
+    .await?
+    .map_err(|state| Error::InstanceGone {
+        id: id.to_string(),
+        state,
+    })
+}

@@ -1,0 +1,358 @@
+//! The bake's stages, in order ([`Stage::ALL`]), over a typed build state: [`Bake`] holds what
+//! every stage shares (options, clients, ledger, progress); each stage returns what the next
+//! ones need ([`base::Resolved`], [`access::Keys`], [`access::Group`], [`machine::Launched`],
+//! [`image::Imaged`]), so a stage cannot run without what it depends on.
+//!
+//! Adding a stage: a variant of [`Stage`] (in [`Stage::ALL`] at its place), a function in the
+//! file of its concern, one line in [`until_tagged`]. A stage that checks or copies the image
+//! (a boot test, CopyImage to other regions) goes between [`Stage::Image`] and [`Stage::Tag`]:
+//! the image is still `jbake:complete=false` there and undone with the rest if the stage fails;
+//! what it makes goes into the ledger like everything else.
+//!
+//! Interruption: everything up to [`Stage::Tag`] runs under the caller's [`Interrupt`] (the
+//! stage running is dropped, the cleanup follows); [`Stage::Record`] (a local file) runs to its
+//! end, so an interruption after the image is complete does not lose its record.
+
+pub mod access;
+pub mod base;
+pub mod image;
+pub mod machine;
+pub mod record;
+
+use std::future::Future;
+use std::sync::atomic::AtomicU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::aws::{self, wait, Aws};
+use crate::progress::Progress;
+use crate::util::fmt_duration;
+
+use super::interrupt::Interrupt;
+use super::ledger::Ledger;
+use super::{BakeOptions, Built, Error};
+
+/// The named stages of a bake, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Stage {
+    /// The base image, the content hash (an image of the same inputs: nothing to do), the
+    /// version to build.
+    ResolveBase,
+    /// A one-time ed25519 key pair; only the public half is imported.
+    KeyPair,
+    /// A security group: SSH from the builder only.
+    SecurityGroup,
+    /// The instance (IMDSv2 only, encrypted root volume, TTL watchdog), until it runs.
+    Launch,
+    /// SSH, verifying the one-time host key jbake gave the instance.
+    Connect,
+    /// The recipe's steps and checks.
+    Provision,
+    /// Scrubbing what the build leaves on the machine (keys, identity, logs, leases, seed).
+    Hygiene,
+    /// Stopping the instance, until it is stopped.
+    Stop,
+    /// CreateImage (image and snapshots tagged at creation, its number confirmed), until it is
+    /// available; then IMDSv2 only.
+    Image,
+    /// `jbake:complete=true`: the image is the build's result.
+    Tag,
+    /// The manifest record.
+    Record,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 11] = [
+        Stage::ResolveBase,
+        Stage::KeyPair,
+        Stage::SecurityGroup,
+        Stage::Launch,
+        Stage::Connect,
+        Stage::Provision,
+        Stage::Hygiene,
+        Stage::Stop,
+        Stage::Image,
+        Stage::Tag,
+        Stage::Record,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::ResolveBase => "resolve-base",
+            Stage::KeyPair => "key-pair",
+            Stage::SecurityGroup => "security-group",
+            Stage::Launch => "launch",
+            Stage::Connect => "connect",
+            Stage::Provision => "provision",
+            Stage::Hygiene => "hygiene",
+            Stage::Stop => "stop",
+            Stage::Image => "image",
+            Stage::Tag => "tag",
+            Stage::Record => "record",
+        }
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Why the stages stopped short of a result.
+#[derive(Debug)]
+pub enum Stop {
+    Failed(Error),
+    Interrupted(String),
+}
+
+/// What every stage shares: the build state that is not any one stage's output.
+pub struct Bake {
+    pub opts: BakeOptions,
+    pub aws: Aws,
+    pub ledger: Ledger,
+    pub build_id: String,
+    /// When the build started (RFC 3339), for tags and the manifest.
+    pub started: String,
+    pub started_at: SystemTime,
+    pub t0: Instant,
+    pub progress: Progress,
+    pub interrupt: Interrupt,
+    /// The root shell's pid on the machine (for stopping a step after an interrupt).
+    pub broker_pid: Arc<AtomicU32>,
+    /// The stages entered so far, in order.
+    pub entered: Vec<Stage>,
+}
+
+impl Bake {
+    pub fn new(
+        opts: BakeOptions,
+        aws: Aws,
+        ledger: Ledger,
+        build_id: String,
+        progress: Progress,
+        interrupt: Interrupt,
+    ) -> Bake {
+        let started_at = SystemTime::now();
+        Bake {
+            opts,
+            aws,
+            ledger,
+            build_id,
+            started: humantime::format_rfc3339_seconds(started_at).to_string(),
+            started_at,
+            t0: Instant::now(),
+            progress,
+            interrupt,
+            broker_pid: Arc::new(AtomicU32::new(0)),
+            entered: Vec::new(),
+        }
+    }
+
+    /// Marks the start of a stage.
+    fn enter(&mut self, stage: Stage) {
+        self.entered.push(stage);
+        failpoint(stage);
+    }
+}
+
+/// Debug builds only (the tests): `JBAKE_FAILPOINT=panic:<stage>` panics as that stage
+/// starts, to prove that a panicking build still cleans up. Release builds ignore it.
+fn failpoint(stage: Stage) {
+    #[cfg(debug_assertions)]
+    if std::env::var("JBAKE_FAILPOINT").ok().as_deref() == Some(&format!("panic:{stage}")) {
+        panic!("JBAKE_FAILPOINT: a panic in stage {stage}");
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = stage;
+}
+
+/// What the interruptible stages made.
+enum Made {
+    /// An image of the same inputs exists: nothing was made.
+    Unchanged(Built),
+    /// The new image, complete.
+    Image(Built),
+}
+
+/// Runs the stages; returns the progress (for the cleanup's lines) and the result.
+pub async fn run(mut b: Bake) -> (Progress, Result<Built, Stop>) {
+    let mut interrupt = b.interrupt.clone();
+    let seen = interrupt.count();
+    let made = tokio::select! {
+        r = until_tagged(&mut b) => r.map_err(Stop::Failed),
+        why = interrupt.after(seen) => {
+            b.progress.abandon_step();
+            b.progress.warn(&format!("interrupted {why}: stopping the build and removing what it made"));
+            Err(Stop::Interrupted(why))
+        }
+    };
+    let result = match made {
+        Ok(Made::Unchanged(built)) | Ok(Made::Image(built)) => {
+            b.enter(Stage::Record);
+            record::record(&b, &built)
+                .map(|()| built)
+                .map_err(Stop::Failed)
+        }
+        Err(e) => Err(e),
+    };
+    (b.progress, result)
+}
+
+/// The stages up to [`Stage::Tag`].
+async fn until_tagged(b: &mut Bake) -> Result<Made, Error> {
+    b.enter(Stage::ResolveBase);
+    let resolved = match base::resolve(b).await? {
+        base::Resolution::Unchanged(built) => return Ok(Made::Unchanged(built)),
+        base::Resolution::Build(r) => r,
+    };
+    b.enter(Stage::KeyPair);
+    let keys = access::key_pair(b, &resolved).await?;
+    b.enter(Stage::SecurityGroup);
+    let group = access::security_group(b, &resolved).await?;
+    b.enter(Stage::Launch);
+    let launched = machine::launch(b, &resolved, &keys, &group).await?;
+    b.enter(Stage::Connect);
+    let target = machine::target(b, &resolved, &keys, &launched)?;
+    let mut ex = crate::exec::Executor::connect(
+        target,
+        launched.id.clone(),
+        resolved.plan.secrets(),
+        &mut b.progress,
+        b.broker_pid.clone(),
+    )
+    .await?;
+    b.entered.push(Stage::Provision);
+    failpoint(Stage::Provision);
+    let steps = machine::provision(&mut ex, &resolved.plan).await;
+    let steps = match steps {
+        Ok(rows) => rows,
+        Err((e, report)) => {
+            ex.close().await;
+            b.progress.summary(&report.rows, report.elapsed, false);
+            return Err(e.into());
+        }
+    };
+    b.entered.push(Stage::Hygiene);
+    failpoint(Stage::Hygiene);
+    let hygiene = machine::hygiene(&mut ex, &resolved.plan, &keys).await;
+    ex.close().await;
+    let mut rows = steps;
+    match hygiene {
+        Ok(more) => rows.extend(more),
+        Err((e, report)) => {
+            rows.extend(report.rows);
+            b.progress.summary(&rows, b.t0.elapsed(), false);
+            return Err(e.into());
+        }
+    }
+    b.progress.summary(&rows, b.t0.elapsed(), true);
+    b.enter(Stage::Stop);
+    machine::stop(b, &launched).await?;
+    b.enter(Stage::Image);
+    let imaged = image::image(b, &resolved, &launched).await?;
+    b.enter(Stage::Tag);
+    let built = image::tag(b, &resolved, &imaged).await?;
+    Ok(Made::Image(built))
+}
+
+/// Waits until `check` is ready, with progress lines and an error naming the last state.
+pub(crate) async fn wait_for<T, F, Fut>(
+    progress: &Progress,
+    what: &str,
+    deadline: Duration,
+    check: F,
+) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<wait::Poll<T>, aws::Error>>,
+{
+    let t = Instant::now();
+    let r = wait::until(
+        deadline,
+        Duration::from_secs(10),
+        |s| progress.info("waiting", &format!("waiting for {what}: {s}")),
+        check,
+    )
+    .await;
+    match r {
+        Ok(Ok(v)) => {
+            progress.info(
+                "waited",
+                &format!("{what}: done in {}", fmt_duration(t.elapsed())),
+            );
+            Ok(v)
+        }
+        Ok(Err(e)) => Err(e.into()),
+        Err(state) => Err(Error::Timeout {
+            what: format!("waiting for {what}"),
+            state,
+            waited: deadline,
+        }),
+    }
+}
+
+/// Retries `check` while it is pending — a resource EC2 does not show yet — for up to
+/// [`PROPAGATION`](wait::PROPAGATION), saying so only when it had to wait.
+pub(crate) async fn settle<T, F, Fut>(progress: &Progress, what: &str, check: F) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<wait::Poll<T>, aws::Error>>,
+{
+    let t = Instant::now();
+    let mut waited = false;
+    let r = wait::until(
+        wait::PROPAGATION,
+        Duration::from_secs(10),
+        |s| {
+            waited = true;
+            progress.info("waiting", &format!("waiting for {what}: {s}"))
+        },
+        check,
+    )
+    .await;
+    match r {
+        Ok(Ok(v)) => {
+            if waited {
+                progress.info(
+                    "waited",
+                    &format!("{what}: done in {}", fmt_duration(t.elapsed())),
+                );
+            }
+            Ok(v)
+        }
+        Ok(Err(e)) => Err(e.into()),
+        Err(state) => Err(Error::Timeout {
+            what: format!("waiting for {what}"),
+            state,
+            waited: wait::PROPAGATION,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stages_have_distinct_names_in_order() {
+        let names: Vec<&str> = Stage::ALL.iter().map(|s| s.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "resolve-base",
+                "key-pair",
+                "security-group",
+                "launch",
+                "connect",
+                "provision",
+                "hygiene",
+                "stop",
+                "image",
+                "tag",
+                "record"
+            ]
+        );
+    }
+}
