@@ -19,6 +19,11 @@ pub struct Build {
     pub finished_at: String,
     /// True when an image with the same content hash existed and nothing was built.
     pub skipped_unchanged: bool,
+    /// `regions`: every region's image id (the build's own and its copies'); `shared_with`;
+    /// `published`: the SSM parameters naming them. (Records of jbake before copies have only
+    /// `ami_id` and `region`.)
+    #[serde(flatten)]
+    pub distributed: crate::bake::distribute::Distributed,
 }
 
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -135,6 +140,7 @@ mod tests {
             started_at: "t0".into(),
             finished_at: "t1".into(),
             skipped_unchanged: false,
+            distributed: Default::default(),
         }
     }
 
@@ -159,6 +165,33 @@ mod tests {
             "not json",
             "a bad file is left alone"
         );
+    }
+
+    #[test]
+    fn records_list_every_region_and_old_records_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.json");
+        let mut b = build("a");
+        b.distributed.regions = [
+            ("us-east-1".to_string(), "ami-1".to_string()),
+            ("us-west-2".to_string(), "ami-2".to_string()),
+        ]
+        .into();
+        append(&p, b).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        assert_eq!(v["builds"][0]["regions"]["us-west-2"], "ami-2");
+        assert!(v["builds"][0].get("published").is_none());
+        // A manifest written before copies existed.
+        let old = r#"{"builds": [{"build_id": "x", "recipe": "r", "name": "r-1", "ami_id": "ami-1",
+            "region": "us-east-1", "version": "v", "content_hash": "h", "base_ami": "ami-0",
+            "jbake_version": "0.1.0", "started_at": "t0", "finished_at": "t1",
+            "skipped_unchanged": false}]}"#;
+        std::fs::write(&p, old).unwrap();
+        append(&p, build("b")).unwrap();
+        let m: Manifest = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        assert_eq!(m.builds.len(), 2);
+        assert!(m.builds[0].distributed.regions.is_empty());
     }
 
     #[test]

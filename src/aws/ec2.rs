@@ -10,8 +10,9 @@ use aws_sdk_ec2::primitives::Blob;
 use aws_sdk_ec2::types::{
     AttributeValue, BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState,
     IamInstanceProfileSpecification, Image, ImageState, Instance, InstanceMetadataEndpointState,
-    InstanceMetadataOptionsRequest, InstanceType, IpPermission, IpRange, ResourceType,
-    ShutdownBehavior, Snapshot, Tag, TagSpecification, VolumeType,
+    InstanceMetadataOptionsRequest, InstanceType, IpPermission, IpRange, LaunchPermission,
+    LaunchPermissionModifications, ResourceType, ShutdownBehavior, Snapshot, Tag, TagSpecification,
+    VolumeType,
 };
 
 use super::Error;
@@ -179,6 +180,33 @@ pub struct Launch {
     /// Makes RunInstances idempotent: a retry whose first answer was lost gets the same
     /// instance instead of a second one.
     pub client_token: String,
+    /// The KMS key of the root volume (and so of the image's snapshots); `None`: the
+    /// account's default EBS key in the region.
+    pub kms_key_id: Option<String>,
+}
+
+/// What CopyImage makes: a copy of an image of another region, in this client's region.
+#[derive(Debug, Clone)]
+pub struct CopyImage {
+    pub source_id: String,
+    pub source_region: String,
+    pub name: String,
+    pub description: String,
+    /// The copy's snapshots are encrypted with this key; `None`: the region's default EBS key.
+    pub kms_key_id: Option<String>,
+    /// Makes CopyImage idempotent: a retry whose first answer was lost gets the same copy.
+    pub client_token: String,
+    pub image_tags: Tags,
+    pub snapshot_tags: Tags,
+}
+
+/// How a snapshot is encrypted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotKey {
+    pub id: String,
+    pub encrypted: bool,
+    /// The key's ARN, when encrypted.
+    pub kms_key_id: Option<String>,
 }
 
 #[derive(Clone)]
@@ -536,6 +564,7 @@ impl Ec2 {
                             .volume_size(l.volume_gb)
                             .volume_type(VolumeType::Gp3)
                             .encrypted(true)
+                            .set_kms_key_id(l.kms_key_id.clone())
                             .delete_on_termination(true)
                             .build(),
                     )
@@ -739,6 +768,113 @@ impl Ec2 {
             .await
             .map_err(|e| self.err(format!("DeregisterImage {id}"), e.into_service_error()))?;
         Ok(())
+    }
+
+    /// Copies an image of another region into this one, encrypted (with `kms_key_id`, or the
+    /// region's default EBS key), the copy and its snapshots tagged at creation. Returns the
+    /// copy's id (at once: the copy is `pending` for minutes, tens of them across regions).
+    pub async fn copy_image(&self, c: &CopyImage) -> Result<String, Error> {
+        let out = self
+            .client
+            .copy_image()
+            .source_image_id(&c.source_id)
+            .source_region(&c.source_region)
+            .name(&c.name)
+            .description(&c.description)
+            .encrypted(true)
+            .set_kms_key_id(c.kms_key_id.clone())
+            .client_token(&c.client_token)
+            .tag_specifications(tag_spec(ResourceType::Image, &c.image_tags))
+            .tag_specifications(tag_spec(ResourceType::Snapshot, &c.snapshot_tags))
+            .send()
+            .await
+            .map_err(|e| {
+                self.err(
+                    format!(
+                        "CopyImage {} from {} ({})",
+                        c.name, c.source_id, c.source_region
+                    ),
+                    e.into_service_error(),
+                )
+            })?;
+        out.image_id()
+            .map(str::to_string)
+            .ok_or_else(|| Error::other("CopyImage", &self.region, "no image id in the answer"))
+    }
+
+    /// Lets these accounts launch instances from the image (adds launch permissions; the
+    /// image's snapshots need no permission of their own for a launch).
+    pub async fn share_image(&self, image_id: &str, accounts: &[String]) -> Result<(), Error> {
+        if accounts.is_empty() {
+            return Ok(());
+        }
+        let add: Vec<LaunchPermission> = accounts
+            .iter()
+            .map(|a| LaunchPermission::builder().user_id(a).build())
+            .collect();
+        self.client
+            .modify_image_attribute()
+            .image_id(image_id)
+            .launch_permission(
+                LaunchPermissionModifications::builder()
+                    .set_add(Some(add))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| {
+                self.err(
+                    format!(
+                        "ModifyImageAttribute {image_id} launchPermission add {}",
+                        accounts.join(",")
+                    ),
+                    e.into_service_error(),
+                )
+            })?;
+        Ok(())
+    }
+
+    /// The account's default KMS key for EBS encryption in this region: `alias/aws/ebs` (the
+    /// AWS managed key) unless it was changed, else the key's ARN.
+    pub async fn ebs_default_kms_key_id(&self) -> Result<String, Error> {
+        let out = self
+            .client
+            .get_ebs_default_kms_key_id()
+            .send()
+            .await
+            .map_err(|e| self.err("GetEbsDefaultKmsKeyId", e.into_service_error()))?;
+        Ok(out
+            .kms_key_id()
+            .unwrap_or(crate::bake::distribute::AWS_EBS_KEY)
+            .to_string())
+    }
+
+    /// How these snapshots are encrypted.
+    pub async fn snapshot_keys(&self, ids: &[String]) -> Result<Vec<SnapshotKey>, Error> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let out = self
+            .client
+            .describe_snapshots()
+            .set_snapshot_ids(Some(ids.to_vec()))
+            .send()
+            .await
+            .map_err(|e| {
+                self.err(
+                    format!("DescribeSnapshots {}", ids.join(",")),
+                    e.into_service_error(),
+                )
+            })?;
+        Ok(out
+            .snapshots()
+            .iter()
+            .map(|s| SnapshotKey {
+                id: s.snapshot_id().unwrap_or_default().to_string(),
+                encrypted: s.encrypted().unwrap_or(false),
+                kms_key_id: s.kms_key_id().map(str::to_string),
+            })
+            .collect())
     }
 
     pub async fn delete_snapshot(&self, id: &str) -> Result<(), Error> {

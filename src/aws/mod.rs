@@ -6,7 +6,9 @@ pub mod asg;
 pub mod ec2;
 pub mod elb;
 pub mod instances;
+pub mod kms;
 pub mod launch_template;
+pub mod params;
 pub mod usage;
 pub mod wait;
 
@@ -21,7 +23,9 @@ pub use asg::Asg;
 pub use ec2::Ec2;
 pub use elb::Elb;
 pub use instances::Instances;
+pub use kms::Kms;
 pub use launch_template::LaunchTemplates;
+pub use params::Params;
 
 /// Where and as whom to call AWS.
 #[derive(Debug, Clone, Default)]
@@ -42,7 +46,13 @@ pub struct Aws {
     pub instances: Instances,
     /// What uses an image (`jbake prune`).
     pub usage: usage::ImageUsage,
+    /// KMS keys (which key encrypts a region's copies, whether it can be shared).
+    pub kms: Kms,
+    /// SSM parameters that publish an image id (`--publish-ssm`).
+    pub params: Params,
     pub region: String,
+    /// What these clients were made from (for [`in_region`](Self::in_region)).
+    pub options: AwsOptions,
 }
 
 impl Aws {
@@ -88,8 +98,21 @@ impl Aws {
                 aws_sdk_ssm::Client::new(&conf),
                 &opts.region,
             ),
+            kms: Kms::new(aws_sdk_kms::Client::new(&conf), &opts.region),
+            params: Params::new(aws_sdk_ssm::Client::new(&conf), &opts.region),
             region: opts.region.clone(),
+            options: opts.clone(),
         }
+    }
+
+    /// The same clients (profile, endpoint, retries) for another region: the copies of an
+    /// image live there.
+    pub async fn in_region(&self, region: &str) -> Aws {
+        Aws::new(&AwsOptions {
+            region: region.to_string(),
+            ..self.options.clone()
+        })
+        .await
     }
 }
 

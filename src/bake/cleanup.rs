@@ -59,7 +59,8 @@ pub fn abandon(ledger: &Ledger, region: &str, progress: &Progress) -> Leftovers 
         text.push_str(&format!("\n  {r}"));
     }
     text.push_str(&format!(
-        "\nremove them with: jbake gc --region {region} --build-id {}",
+        "\nremove them with: jbake gc --region {region}{} --build-id {}",
+        regions_flag(&ledger.regions()),
         ledger.build_id()
     ));
     progress.warn(&text);
@@ -69,7 +70,17 @@ pub fn abandon(ledger: &Ledger, region: &str, progress: &Progress) -> Leftovers 
     }
 }
 
-/// Undoes what the build recorded, then sweeps by tag for anything it made but could not record.
+/// ` --regions A,B` for gc, when a build made something in other regions.
+pub fn regions_flag(regions: &[String]) -> String {
+    if regions.is_empty() {
+        String::new()
+    } else {
+        format!(" --regions {}", regions.join(","))
+    }
+}
+
+/// Undoes what the build recorded, then sweeps by tag for anything it made but could not record
+/// (in its own region, and in the regions of its copies).
 /// An interruption during the cleanup (beyond the `seen` ones) only says what is still being
 /// removed: the cleanup goes on. Returns what is left.
 pub async fn run(
@@ -87,18 +98,25 @@ pub async fn run(
             build_id: Some(build_id.clone()),
         };
         let mut unchecked = None;
-        match gc::find(aws, &sel, gc::Busy::Remove).await {
-            Ok(found) => {
-                for s in &found.skipped {
-                    progress.warn(&format!("left {}: {}", s.what, s.why));
+        let mut regional = Vec::new();
+        for r in ledger.regions() {
+            regional.push(aws.in_region(&r).await);
+        }
+        for there in std::iter::once(aws).chain(regional.iter()) {
+            match gc::find(there, &sel, gc::Busy::Remove).await {
+                Ok(found) => {
+                    for s in &found.skipped {
+                        progress.warn(&format!("left {}: {}", s.what, s.why));
+                    }
+                    failed.extend(gc::remove(there, &found, progress).await);
                 }
-                failed.extend(gc::remove(aws, &found, progress).await);
-            }
-            Err(e) => {
-                progress.warn(&format!(
-                    "could not check for leftovers of build {build_id}: {e}"
-                ));
-                unchecked = Some(e.to_string());
+                Err(e) => {
+                    progress.warn(&format!(
+                        "could not check for leftovers of build {build_id} in {}: {e}",
+                        there.region
+                    ));
+                    unchecked = Some(e.to_string());
+                }
             }
         }
         (failed, unchecked)
@@ -132,9 +150,10 @@ pub async fn run(
     if !left.is_empty() {
         let list: Vec<String> = left.iter().map(|(r, e)| format!("{r} ({e})")).collect();
         progress.warn(&format!(
-            "cleanup could not remove: {}; they are tagged jbake:build-id={build_id}: `jbake gc --region {} --build-id {build_id}` removes them",
+            "cleanup could not remove: {}; they are tagged jbake:build-id={build_id}: `jbake gc --region {}{} --build-id {build_id}` removes them",
             list.join("; "),
-            aws.region
+            aws.region,
+            regions_flag(&ledger.regions())
         ));
     }
     Leftovers {

@@ -25,6 +25,11 @@ pub enum Error {
     Base(#[from] BaseError),
     #[error(transparent)]
     PublicIp(#[from] PublicIpError),
+    /// Options this build cannot honour (checked before anything is made).
+    #[error(transparent)]
+    Refused(#[from] super::distribute::Refusal),
+    #[error(transparent)]
+    Distribute(#[from] super::distribute::Error),
     /// A flag's value cannot work (checked before any AWS call).
     #[error("{flag} {value}: {why}")]
     Option {

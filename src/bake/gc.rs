@@ -15,6 +15,12 @@
 //! `stopping`, or an image `pending` — even when it looks expired: jbake moves `expires-at` on
 //! while it waits for an image, but a build killed in that wait leaves an image EC2 is still
 //! making; it is removed once it is available.
+//!
+//! Copies (`--copy-to`, `jbake copy`) are found in their own region like images: a copy carries
+//! the `jbake:build-id` of the run that made it, its own `jbake:expires-at`, `jbake:complete`,
+//! and its snapshots are described by EC2 as copied for it. A build's image names the regions
+//! of its copies in `jbake:copy-regions` ([`copy_regions`]): `jbake gc --region R` also looks
+//! there; `--regions` adds others (a `jbake copy` run's).
 
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
@@ -37,6 +43,44 @@ static CREATED_BY: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"^Created by CreateImage\((i-[0-9a-f]+)\) for (ami-[0-9a-f]+)")
         .expect("static regex")
 });
+
+/// How EC2 describes the snapshot of a copied image: `Copied for DestinationAmi ami-… from
+/// SourceAmi ami-… for SourceSnapshot snap-…. Task created on …`.
+static COPIED_FOR: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"^Copied for DestinationAmi (ami-[0-9a-f]+) from SourceAmi ami-[0-9a-f]+")
+        .expect("static regex")
+});
+static REGION: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d+$").expect("static regex"));
+
+/// The image a snapshot of an image was made for: by CreateImage, or copied for a copy.
+fn snapshot_of(description: &str) -> Option<&str> {
+    if let Some(c) = CREATED_BY.captures(description) {
+        return c.get(2).map(|m| m.as_str());
+    }
+    COPIED_FOR
+        .captures(description)
+        .and_then(|c| c.get(1))
+        .map(|m| m.as_str())
+}
+
+/// The regions this region's jbake images were copied to (their `jbake:copy-regions` tags).
+pub async fn copy_regions(aws: &Aws) -> Result<Vec<String>, aws::Error> {
+    let mut out: Vec<String> = Vec::new();
+    for i in aws.ec2.own_images_with_tag_key(tags::COPY_REGIONS).await? {
+        if i.tag(tags::BUILD_ID).is_none() {
+            continue;
+        }
+        for r in i.tag(tags::COPY_REGIONS).unwrap_or_default().split(',') {
+            let r = r.trim();
+            if REGION.is_match(r) && !out.iter().any(|o| o == r) {
+                out.push(r.to_string());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
 
 /// Whether `id` has the form of a jbake build id (`YYYYMMDD-HHMMSS-xxxxxx`).
 pub fn is_build_id(id: &str) -> bool {
@@ -299,18 +343,17 @@ pub fn decide(listing: &Listing, sel: &Selector, busy: Busy, now: SystemTime) ->
             if used.contains(&s.id.as_str()) {
                 continue; // an image uses it
             }
-            let Some(made) = CREATED_BY.captures(&s.name) else {
+            let Some(ami) = snapshot_of(&s.name) else {
                 skip(
                     &mut found,
                     format!("snapshot {} (tagged jbake:build-id={id})", s.id),
                     format!(
-                        "jbake's snapshots are made by CreateImage; its description is '{}'",
+                        "jbake's snapshots are made by CreateImage or CopyImage; its description is '{}'",
                         s.name
                     ),
                 );
                 continue;
             };
-            let ami = made.get(2).map(|m| m.as_str()).unwrap_or_default();
             match images.get(ami) {
                 Some(_) if removed_images.contains(&ami) => {} // removed with its image
                 Some(image) if image.tag(tags::BUILD_ID) != Some(id) => skip(
@@ -556,6 +599,49 @@ mod tests {
                 .len(),
             2
         );
+    }
+
+    #[test]
+    fn a_half_made_copy_is_found_in_its_region_with_its_snapshots() {
+        let mut tags = build_tags(B2, "2026-11-28T10:00:00Z", "2026-11-28T11:00:00Z");
+        tags.push((tags::COPY_OF.into(), "ami-0a".into()));
+        tags.push((tags::SOURCE_REGION.into(), "us-east-1".into()));
+        let l = Listing {
+            images: vec![
+                image("ami-1", "r-2026.11.28-1", "available", "false", &["snap-1"], &tags),
+                image("ami-2", "r-2026.11.28-1", "available", "true", &["snap-2"], &tags),
+            ],
+            snapshots: vec![
+                tagged(
+                    "snap-1",
+                    "Copied for DestinationAmi ami-1 from SourceAmi ami-0a for SourceSnapshot snap-0a. Task created on 1,764,000,000,000.",
+                    &tags,
+                ),
+                tagged(
+                    "snap-2",
+                    "Copied for DestinationAmi ami-2 from SourceAmi ami-0a for SourceSnapshot snap-0a. Task created on 1,764,000,000,000.",
+                    &tags,
+                ),
+                tagged(
+                    "snap-3",
+                    "Copied for DestinationAmi ami-9 from SourceAmi ami-0a for SourceSnapshot snap-0a. Task created on 1,764,000,000,000.",
+                    &tags,
+                ),
+            ],
+            ..Listing::default()
+        };
+        let found = decide(&l, &Selector::default(), Busy::Spare, now());
+        assert_eq!(
+            names(&found),
+            ["image ami-1 (r-2026.11.28-1)", "snapshot snap-3"],
+            "the half-made copy (its snapshot goes with it) and a snapshot whose copy is gone; the finished copy stays"
+        );
+        assert!(found.skipped.is_empty(), "{:?}", found.skipped);
+        assert_eq!(
+            snapshot_of("Created by CreateImage(i-1) for ami-2 from vol-3"),
+            Some("ami-2")
+        );
+        assert_eq!(snapshot_of("my backup"), None);
     }
 
     #[test]

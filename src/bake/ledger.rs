@@ -46,6 +46,31 @@ pub enum Resource {
     Snapshot {
         id: String,
     },
+    /// A copy of the image in another region (CopyImage): undone like an image, there. `id` is
+    /// `None` until CopyImage answered; until then it is found by its name and the build's tag.
+    Copy {
+        region: String,
+        name: String,
+        id: Option<String>,
+    },
+    /// An SSM parameter that now names the image (or its copy in `region`): undone by putting
+    /// `previous` back (deleting it when it held nothing), if it still names `value`.
+    Parameter {
+        region: String,
+        name: String,
+        previous: Option<String>,
+        value: String,
+    },
+}
+
+impl Resource {
+    /// The region of a resource that is not in the build's own region.
+    pub fn region(&self) -> Option<&str> {
+        match self {
+            Resource::Copy { region, .. } | Resource::Parameter { region, .. } => Some(region),
+            _ => None,
+        }
+    }
 }
 
 impl std::fmt::Display for Resource {
@@ -61,6 +86,18 @@ impl std::fmt::Display for Resource {
             Resource::Image { id: Some(id), name } => write!(f, "image {id} ({name})"),
             Resource::Image { name, .. } => write!(f, "image {name}"),
             Resource::Snapshot { id } => write!(f, "snapshot {id}"),
+            Resource::Copy {
+                region,
+                name,
+                id: Some(id),
+            } => write!(f, "copy {id} ({name}) in {region}"),
+            Resource::Copy { region, name, .. } => write!(f, "copy {name} in {region}"),
+            Resource::Parameter {
+                region,
+                name,
+                value,
+                ..
+            } => write!(f, "SSM parameter {name} in {region} ({value})"),
         }
     }
 }
@@ -155,6 +192,19 @@ impl Ledger {
     /// The recorded resource.
     pub fn get(&self, e: Entry) -> Option<Resource> {
         self.lock().get(e.0).map(|r| r.resource.clone())
+    }
+
+    /// The other regions the build made something in (its copies'), in the order recorded.
+    pub fn regions(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for r in self.lock().iter() {
+            if let Some(region) = r.resource.region() {
+                if !out.iter().any(|o| o == region) {
+                    out.push(region.to_string());
+                }
+            }
+        }
+        out
     }
 
     /// What is still to undo, newest first.
@@ -303,34 +353,78 @@ impl Undo<'_> {
                     None => Ok(()),
                 }
             }
-            Resource::Image { id: Some(id), .. } => self.image(aws, Some(id)).await,
-            Resource::Image { name, id: None } => {
-                let found = self
-                    .poll(aws, &format!("finding image {name}"), || async {
-                        let own: Vec<String> = aws
-                            .ec2
-                            .images_named(name, &[])
-                            .await?
-                            .into_iter()
-                            .filter(|i| i.tag(tags::BUILD_ID) == Some(self.build_id))
-                            .map(|i| i.id)
-                            .collect();
-                        Ok(match own.into_iter().next() {
-                            Some(id) => wait::Poll::Ready(Some(id)),
-                            None if self.may_show() => {
-                                wait::Poll::Pending("not visible yet".into())
-                            }
-                            None => wait::Poll::Ready(None),
-                        })
-                    })
-                    .await?;
-                let seen = Undo {
-                    seen: true,
-                    ..*self
-                };
-                seen.image(aws, found.as_deref()).await
-            }
+            Resource::Image { name, id } => self.image_named(aws, name, id.as_deref()).await,
             Resource::Snapshot { id } => self.snapshot(aws, id).await,
+            Resource::Copy { region, name, id } => {
+                let there = aws.in_region(region).await;
+                self.image_named(&there, name, id.as_deref()).await
+            }
+            Resource::Parameter {
+                region,
+                name,
+                previous,
+                value,
+            } => {
+                let there = aws.in_region(region).await;
+                self.parameter(&there, name, previous.as_deref(), value)
+                    .await
+            }
+        }
+    }
+
+    /// An image (or a copy) known by its id, or by its name and the build's tag.
+    async fn image_named(&self, aws: &Aws, name: &str, id: Option<&str>) -> Result<(), aws::Error> {
+        if id.is_some() {
+            return self.image(aws, id).await;
+        }
+        let found = self
+            .poll(aws, &format!("finding image {name}"), || async {
+                let own: Vec<String> = aws
+                    .ec2
+                    .images_named(name, &[])
+                    .await?
+                    .into_iter()
+                    .filter(|i| i.tag(tags::BUILD_ID) == Some(self.build_id))
+                    .map(|i| i.id)
+                    .collect();
+                Ok(match own.into_iter().next() {
+                    Some(id) => wait::Poll::Ready(Some(id)),
+                    None if self.may_show() => wait::Poll::Pending("not visible yet".into()),
+                    None => wait::Poll::Ready(None),
+                })
+            })
+            .await?;
+        let seen = Undo {
+            seen: true,
+            ..*self
+        };
+        seen.image(aws, found.as_deref()).await
+    }
+
+    /// Puts back what the parameter held before the build published (or deletes it), unless
+    /// something else was published in it since.
+    async fn parameter(
+        &self,
+        aws: &Aws,
+        name: &str,
+        previous: Option<&str>,
+        value: &str,
+    ) -> Result<(), aws::Error> {
+        match aws.params.get(name).await? {
+            Some(p) if p.value == value => match previous {
+                Some(prev) => {
+                    aws.params
+                        .put_image(
+                            name,
+                            prev,
+                            &format!("restored by jbake: build {} did not finish", self.build_id),
+                        )
+                        .await?;
+                    Ok(())
+                }
+                None => aws.params.delete(name).await,
+            },
+            _ => Ok(()),
         }
     }
 

@@ -26,7 +26,9 @@
 
 pub mod cleanup;
 pub mod cloud_init;
+pub mod distribute;
 mod error;
+pub mod existing;
 pub mod gc;
 pub mod hash;
 pub mod interrupt;
@@ -95,6 +97,9 @@ pub struct BakeOptions {
     pub image_timeout: Duration,
     pub output: Output,
     pub quiet: bool,
+    /// Copies, launch permissions, published parameters (`--copy-to`, `--share-with`,
+    /// `--publish-ssm`).
+    pub distribution: distribute::Distribution,
 }
 
 /// The outcome of a build.
@@ -108,6 +113,9 @@ pub struct Built {
     pub base_ami: String,
     pub skipped_unchanged: bool,
     pub build_id: String,
+    /// Every region's image id, who may launch it, where it is published.
+    #[serde(flatten)]
+    pub distributed: distribute::Distributed,
 }
 
 /// How a bake ended.
@@ -172,6 +180,8 @@ pub fn preflight(opts: &BakeOptions) -> Result<Plan, Error> {
     if opts.ssh_cidr.is_none() && opts.ssh_interface == SshInterface::Public {
         public_ip::url()?;
     }
+    opts.distribution
+        .check(&opts.aws.region, distribute::Origin::Build)?;
     Ok(plan)
 }
 
@@ -196,15 +206,45 @@ pub async fn bake(opts: BakeOptions, aws: Aws, interrupt: Interrupt) -> Report {
         "build",
         &format!("build {build_id} of {} in {}", plan.name, opts.aws.region),
     );
+    // Before anything is made: the KMS keys of the regions the image goes to, and whether it
+    // can be shared at all (a refusal is bad input: exit 2).
+    let keys = if opts.distribution.is_empty() && opts.distribution.kms == Default::default() {
+        Vec::new()
+    } else {
+        match distribute::check_keys(
+            &aws,
+            &opts.distribution,
+            distribute::Origin::Build,
+            &[],
+            &progress,
+        )
+        .await
+        {
+            Ok(keys) => keys,
+            Err(e) => {
+                let outcome = match e {
+                    e @ Error::Refused(_) => Outcome::Rejected(e),
+                    e => Outcome::Failed(e),
+                };
+                return Report {
+                    build_id,
+                    outcome,
+                    left: Leftovers::default(),
+                };
+            }
+        }
+    };
     let ledger = Ledger::new(&build_id);
-    let task = tokio::spawn(stages::run(stages::Bake::new(
+    let mut state = stages::Bake::new(
         opts.clone(),
         aws.clone(),
         ledger.clone(),
         build_id.clone(),
         progress,
         interrupt.clone(),
-    )));
+    );
+    state.keys = keys;
+    let task = tokio::spawn(stages::run(state));
     let (progress, outcome) = match task.await {
         Ok((progress, Ok(built))) => (progress, Outcome::Built(built)),
         Ok((progress, Err(stages::Stop::Failed(e)))) => (progress, Outcome::Failed(e)),
@@ -238,7 +278,7 @@ pub async fn bake(opts: BakeOptions, aws: Aws, interrupt: Interrupt) -> Report {
     }
 }
 
-fn panic_message(e: tokio::task::JoinError) -> String {
+pub(crate) fn panic_message(e: tokio::task::JoinError) -> String {
     if !e.is_panic() {
         return e.to_string();
     }

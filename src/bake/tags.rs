@@ -20,3 +20,16 @@ pub const JBAKE_VERSION: &str = "jbake:jbake-version";
 /// "false" from CreateImage until the image is available, IMDSv2-only and tagged: gc removes a
 /// "false" image whose build is over.
 pub const COMPLETE: &str = "jbake:complete";
+
+/// On a copy of an image in another region (`--copy-to`, `jbake copy`) and its snapshots: the
+/// id of the image it is a copy of. With [`SOURCE_REGION`], what makes a copy recognisable in
+/// its own region (gc and prune there need nothing else).
+pub const COPY_OF: &str = "jbake:copy-of";
+/// On a copy and its snapshots: the region of the image it is a copy of.
+pub const SOURCE_REGION: &str = "jbake:source-region";
+/// On a build's image (from its creation) when it is copied: the regions of its copies,
+/// comma-separated, so that `jbake gc --region R` also looks there for a half-made copy.
+pub const COPY_REGIONS: &str = "jbake:copy-regions";
+/// "true" on an image whose boot test passed (written by the boot-test stage); `jbake copy
+/// --publish-ssm` publishes only such an image (or with `--allow-untested`).
+pub const TESTED: &str = "jbake:tested";

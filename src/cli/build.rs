@@ -8,6 +8,7 @@ use clap::Args;
 
 use super::{parse_region, BastionArgs, Failure};
 use crate::aws::{Aws, AwsOptions};
+use crate::bake::distribute::{self, Distribution, KmsKeys};
 use crate::bake::{self, gc, BakeOptions, OnError, Outcome, SshInterface};
 use crate::progress::{Output, Progress};
 use crate::recipe::{self, BaseImage, LoadOptions};
@@ -96,6 +97,54 @@ pub struct BuildFlags {
     pub image_timeout: Duration,
     #[command(flatten)]
     pub bastion: BastionArgs,
+    /// Copy the image to these regions (disaster recovery): encrypted, with its name and tags,
+    /// on the copies' snapshots too; the manifest lists every region's image.
+    #[arg(long, value_name = "REGION[,REGION…]", value_delimiter = ',', value_parser = parse_region)]
+    pub copy_to: Vec<String>,
+    #[command(flatten)]
+    pub distribution: DistributionArgs,
+}
+
+/// What happens to the image besides being made (shared by build, controller, agent and copy).
+#[derive(Debug, Args)]
+pub struct DistributionArgs {
+    /// The KMS key to encrypt with: KEY (an alias or multi-Region key) for every region,
+    /// REGION=KEY (repeatable) for one, a key ARN for its region [default: each region's
+    /// default EBS key].
+    #[arg(long = "kms-key-id", value_name = "[REGION=]KEY", value_parser = distribute::parse_kms_arg)]
+    pub kms_key_id: Vec<(Option<String>, String)>,
+    /// Let these accounts launch the image and its copies (launch permissions). An image
+    /// encrypted with the AWS managed aws/ebs key cannot be shared: refused before anything is
+    /// made.
+    #[arg(long, value_name = "ACCOUNT[,ACCOUNT…]", value_delimiter = ',', value_parser = distribute::parse_account)]
+    pub share_with: Vec<String>,
+    /// Publish each region's image id in the SSM parameter PREFIX/<recipe>/latest (data type
+    /// aws:ec2:image, for resolve:ssm: in launch templates) once its boot test passed; an older
+    /// image never replaces a newer one.
+    #[arg(long, value_name = "PREFIX", num_args = 0..=1, default_missing_value = distribute::DEFAULT_PREFIX, value_parser = distribute::parse_prefix)]
+    pub publish_ssm: Option<String>,
+    /// How long a copy may take to become available (CopyImage across regions takes tens of
+    /// minutes).
+    #[arg(long, value_name = "DURATION", default_value = "2h", value_parser = recipe::parse_duration)]
+    pub copy_timeout: Duration,
+    /// Publish an image that is not tested (jbake:tested is not true).
+    #[arg(long, requires = "publish_ssm")]
+    pub allow_untested: bool,
+}
+
+impl DistributionArgs {
+    /// The distribution to `copy_to` (checked against the image's region later, by the bake).
+    pub(crate) fn distribution(&self, copy_to: &[String]) -> Result<Distribution, Failure> {
+        let kms = KmsKeys::from_args(&self.kms_key_id).map_err(|e| Failure::Input(e.into()))?;
+        Ok(Distribution {
+            copy_to: copy_to.to_vec(),
+            kms,
+            share_with: self.share_with.clone(),
+            publish: self.publish_ssm.clone(),
+            copy_timeout: self.copy_timeout,
+            allow_untested: self.allow_untested,
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -142,6 +191,10 @@ pub struct GcArgs {
     /// Remove what this build left, whatever its age.
     #[arg(long, value_name = "ID", value_parser = parse_build_id)]
     pub build_id: Option<String>,
+    /// Also look in these regions (where builds copied their images) [default: the regions
+    /// the images of --region name in their jbake:copy-regions tag].
+    #[arg(long, value_name = "REGION[,REGION…]", value_delimiter = ',', value_parser = parse_region)]
+    pub regions: Vec<String>,
 }
 
 fn matches(re: &str, s: &str) -> bool {
@@ -178,7 +231,7 @@ fn parse_efs_id(s: &str) -> Result<String, String> {
     }
 }
 
-fn parse_ami(s: &str) -> Result<String, String> {
+pub(crate) fn parse_ami(s: &str) -> Result<String, String> {
     if matches("^ami-[0-9a-f]{8}([0-9a-f]{9})?$", s) {
         Ok(s.to_string())
     } else {
@@ -261,6 +314,7 @@ fn options(
         image_timeout: flags.image_timeout,
         output,
         quiet,
+        distribution: flags.distribution.distribution(&flags.copy_to)?,
     })
 }
 
@@ -323,9 +377,11 @@ async fn bake(opts: BakeOptions) -> Result<(), Failure> {
     let interrupt = super::signal_interrupt();
     let aws = Aws::new(&opts.aws).await;
     let region = opts.aws.region.clone();
+    let regions = bake::cleanup::regions_flag(&opts.distribution.copy_to);
     let report = bake::bake(opts, aws, interrupt).await;
     let build_id = &report.build_id;
-    let gc_hint = format!("`jbake gc --region {region} --build-id {build_id}` removes them");
+    let gc_hint =
+        format!("`jbake gc --region {region}{regions} --build-id {build_id}` removes them");
     let left = report.left.sentence(&gc_hint);
     match report.outcome {
         // The image is good and recorded, but a leak must not pass as success: the nightly cron
@@ -338,9 +394,9 @@ async fn bake(opts: BakeOptions) -> Result<(), Failure> {
                 built.name
             ))),
         },
-        Outcome::Rejected(e) | Outcome::Failed(e @ bake::Error::Recipe(_)) => {
-            Err(Failure::Input(e.into()))
-        }
+        Outcome::Rejected(e)
+        | Outcome::Failed(e @ bake::Error::Recipe(_))
+        | Outcome::Failed(e @ bake::Error::Refused(_)) => Err(Failure::Input(e.into())),
         Outcome::Failed(e) => Err(Failure::Runtime(match left {
             None => anyhow::anyhow!("build {build_id} failed: {e}"),
             Some(left) => anyhow::anyhow!("build {build_id} failed: {e}\n{left}"),
@@ -363,31 +419,74 @@ pub async fn gc_cmd(args: GcArgs, output: Output, quiet: bool) -> Result<(), Fai
         older_than: args.older_than,
         build_id: args.build_id.clone(),
     };
-    let found = gc::find(&aws, &sel, gc::Busy::Spare)
+    // The other regions: as given, and where this region's images say their copies went.
+    let mut regions: Vec<String> = Vec::new();
+    for r in &args.regions {
+        if *r != aws.region && !regions.contains(r) {
+            regions.push(r.clone());
+        }
+    }
+    let named = gc::copy_regions(&aws)
         .await
         .map_err(|e| Failure::Runtime(e.into()))?;
-    for s in &found.skipped {
-        progress.warn(&format!("left {}: {}", s.what, s.why));
+    let added: Vec<String> = named
+        .into_iter()
+        .filter(|r| *r != aws.region && !regions.contains(r))
+        .collect();
+    if !added.is_empty() {
+        progress.info(
+            "gc",
+            &format!(
+                "also looking in {} (where images of {} were copied: {})",
+                added.join(", "),
+                aws.region,
+                bake::tags::COPY_REGIONS
+            ),
+        );
+        regions.extend(added);
     }
-    if found.remove.is_empty() {
+    let many = !regions.is_empty();
+    let mut clients = vec![aws];
+    for r in &regions {
+        let home = &clients[0];
+        let there = home.in_region(r).await;
+        clients.push(there);
+    }
+    let (mut total, mut failed) = (0usize, 0usize);
+    for there in &clients {
+        let found = gc::find(there, &sel, gc::Busy::Spare)
+            .await
+            .map_err(|e| Failure::Runtime(e.into()))?;
+        let at = if many {
+            format!(" in {}", there.region)
+        } else {
+            String::new()
+        };
+        for s in &found.skipped {
+            progress.warn(&format!("left {}{at}: {}", s.what, s.why));
+        }
+        total += found.remove.len();
+        if args.dry_run {
+            for (r, _) in &found.remove {
+                progress.info("gc", &format!("would remove {r}{at}"));
+            }
+            continue;
+        }
+        failed += gc::remove(there, &found, &progress).await.len();
+    }
+    if total == 0 {
         progress.info("gc", "nothing to remove");
         return Ok(());
     }
     if args.dry_run {
-        for (r, _) in &found.remove {
-            progress.info("gc", &format!("would remove {r}"));
-        }
         return Ok(());
     }
-    let failed = gc::remove(&aws, &found, &progress).await;
-    if failed.is_empty() {
-        progress.info("gc", &format!("removed {} resources", found.remove.len()));
+    if failed == 0 {
+        progress.info("gc", &format!("removed {total} resources"));
         Ok(())
     } else {
         Err(Failure::Runtime(anyhow::anyhow!(
-            "{} of {} resources could not be removed",
-            failed.len(),
-            found.remove.len()
+            "{failed} of {total} resources could not be removed"
         )))
     }
 }

@@ -2,6 +2,7 @@
 //! into exit codes: 1 runtime failure, 2 bad input (always before any connection), 130 interrupted.
 
 mod build;
+mod copy;
 mod keys;
 mod meta;
 mod prune;
@@ -52,6 +53,8 @@ pub enum Command {
     Controller(build::ControllerArgs),
     /// Bake the Jenkins agent image (recipes/agent.yaml).
     Agent(build::AgentArgs),
+    /// Copy an image to other regions, share it with other accounts, publish its id in SSM.
+    Copy(copy::CopyArgs),
     /// Remove what finished or killed builds left behind (found by their jbake tags).
     Gc(build::GcArgs),
     /// Upgrade the Jenkins controller to a new image: drain, replace, verify, roll back on failure.
@@ -247,6 +250,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Build(args) => build::build_cmd(args, cli.output, cli.quiet).await,
         Command::Controller(args) => build::controller_cmd(args, cli.output, cli.quiet).await,
         Command::Agent(args) => build::agent_cmd(args, cli.output, cli.quiet).await,
+        Command::Copy(args) => copy::copy_cmd(args, cli.output, cli.quiet).await,
         Command::Gc(args) => build::gc_cmd(args, cli.output, cli.quiet).await,
         Command::Roll(args) => roll::roll_cmd(args, cli.output, cli.quiet).await,
         Command::Status(args) => roll::status_cmd(args, cli.output, cli.quiet).await,

@@ -3,7 +3,7 @@
 use clap::Args;
 
 use super::build::AwsArgs;
-use super::Failure;
+use super::{parse_region, Failure};
 use crate::aws::Aws;
 use crate::progress::{Output, Progress};
 use crate::prune;
@@ -21,24 +21,59 @@ pub struct PruneArgs {
     /// Only say what would be removed, and why the rest stays.
     #[arg(long)]
     pub dry_run: bool,
+    /// Also prune these regions, each by the same rules on its own images (the copies there:
+    /// `--copy-to`, `jbake copy`), each image with its snapshots.
+    #[arg(long, value_name = "REGION[,REGION…]", value_delimiter = ',', value_parser = parse_region)]
+    pub regions: Vec<String>,
 }
 
 pub async fn prune_cmd(args: PruneArgs, output: Output, quiet: bool) -> Result<(), Failure> {
-    let aws = Aws::new(&args.aws.options()).await;
+    let home = Aws::new(&args.aws.options()).await;
     let progress = Progress::new(output, quiet, Vec::new());
-    let mut report = prune::plan(&aws, args.recipe.as_deref(), args.keep, args.dry_run)
-        .await
-        .map_err(|e| Failure::Runtime(e.into()))?;
-    for w in &report.warnings {
-        progress.warn(w);
+    let mut regions: Vec<String> = Vec::new();
+    for r in &args.regions {
+        if *r != home.region && !regions.contains(r) {
+            regions.push(r.clone());
+        }
     }
-    let result = if args.dry_run {
-        Ok(())
-    } else {
-        prune::execute(&aws, &mut report, |s| progress.info("prune", s)).await
-    };
-    print(&report, output, quiet);
-    result.map_err(|e| Failure::Runtime(e.into()))
+    let mut clients = vec![home];
+    for r in &regions {
+        let there = clients[0].in_region(r).await;
+        clients.push(there);
+    }
+    // Every region is pruned (and reported) even when one fails: the first error is the exit.
+    let mut first_error = None;
+    for aws in &clients {
+        let mut report =
+            match prune::plan(aws, args.recipe.as_deref(), args.keep, args.dry_run).await {
+                Ok(r) => r,
+                Err(e) => {
+                    progress.warn(&format!("cannot prune {}: {e}", aws.region));
+                    first_error.get_or_insert(e);
+                    continue;
+                }
+            };
+        for w in &report.warnings {
+            progress.warn(w);
+        }
+        let result = if args.dry_run {
+            Ok(())
+        } else {
+            let at = aws.region.clone();
+            prune::execute(aws, &mut report, |s| {
+                progress.info("prune", &format!("{s} in {at}"))
+            })
+            .await
+        };
+        print(&report, output, quiet);
+        if let Err(e) = result {
+            first_error.get_or_insert(e);
+        }
+    }
+    match first_error {
+        None => Ok(()),
+        Some(e) => Err(Failure::Runtime(e.into())),
+    }
 }
 
 fn print(r: &prune::Report, output: Output, quiet: bool) {

@@ -93,6 +93,7 @@ pub async fn resolve(b: &mut Bake) -> Result<Resolution, Error> {
                 base_ami: base.id.clone(),
                 skipped_unchanged: true,
                 build_id: b.build_id.clone(),
+                distributed: Default::default(),
             }));
         }
     }

@@ -32,6 +32,8 @@ pub async fn image(b: &mut Bake, r: &Resolved, launched: &Launched) -> Result<Im
     let expires = SystemTime::now()
         .checked_add(b.opts.image_timeout)
         .and_then(|t| t.checked_add(IMAGE_MARGIN))
+        // The stages after the image (its copies) before it is marked complete.
+        .and_then(|t| t.checked_add(b.opts.distribution.extra_time()))
         .map(|t| humantime::format_rfc3339_seconds(t).to_string())
         .filter(|t| *t > r.expires)
         .unwrap_or_else(|| r.expires.clone());
@@ -49,7 +51,8 @@ pub async fn image(b: &mut Bake, r: &Resolved, launched: &Launched) -> Result<Im
         }
         let version = version::version(&r.day, number);
         let name = version::image_name(&r.plan.name, &version);
-        let (image_tags, snapshot_tags) = image_tags(r, &name, &version, &expires);
+        let (mut image_tags, snapshot_tags) = image_tags(r, &name, &version, &expires);
+        image_tags.extend(b.opts.distribution.image_tags());
         let description = format!(
             "{} {version} by jbake {} from {} ({})",
             r.plan.name,
@@ -258,5 +261,6 @@ pub async fn tag(b: &mut Bake, r: &Resolved, imaged: &Imaged) -> Result<Built, E
         base_ami: r.base.id.clone(),
         skipped_unchanged: false,
         build_id: b.build_id.clone(),
+        distributed: Default::default(),
     })
 }

@@ -60,6 +60,13 @@ pub async fn launch(
         tags: r.tags_named(format!("jbake build {} {}", r.plan.name, b.build_id)),
         // The same token on every try: EC2 launches once, however often the call is repeated.
         client_token: format!("jbake-{}", b.build_id),
+        // --kms-key-id for this region: the image's snapshots are encrypted with it.
+        kms_key_id: b
+            .opts
+            .distribution
+            .kms
+            .for_region(&b.aws.region)
+            .map(str::to_string),
     };
     // Recorded first: if the answer is lost, the undo finds the instance by the build's tag.
     let entry = b.ledger.record(Resource::Instance { id: None });

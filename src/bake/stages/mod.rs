@@ -15,9 +15,12 @@
 
 pub mod access;
 pub mod base;
+pub mod copy;
 pub mod image;
 pub mod machine;
+pub mod publish;
 pub mod record;
+pub mod share;
 
 use std::future::Future;
 use std::sync::atomic::AtomicU32;
@@ -28,6 +31,7 @@ use crate::aws::{self, wait, Aws};
 use crate::progress::Progress;
 use crate::util::fmt_duration;
 
+use super::distribute::{self, Ctx, RegionKey, Source};
 use super::interrupt::Interrupt;
 use super::ledger::Ledger;
 use super::{BakeOptions, Built, Error};
@@ -56,14 +60,20 @@ pub enum Stage {
     /// CreateImage (image and snapshots tagged at creation, its number confirmed), until it is
     /// available; then IMDSv2 only.
     Image,
-    /// `jbake:complete=true`: the image is the build's result.
+    /// CopyImage to every `--copy-to` region, at once, until the copies are available.
+    Copy,
+    /// Launch permissions for the `--share-with` accounts, on the image and its copies.
+    Share,
+    /// The image id (each region's) in the `--publish-ssm` parameter: only a tested image.
+    Publish,
+    /// `jbake:complete=true` (on the copies, then the image): the build's result.
     Tag,
     /// The manifest record.
     Record,
 }
 
 impl Stage {
-    pub const ALL: [Stage; 11] = [
+    pub const ALL: [Stage; 14] = [
         Stage::ResolveBase,
         Stage::KeyPair,
         Stage::SecurityGroup,
@@ -73,6 +83,9 @@ impl Stage {
         Stage::Hygiene,
         Stage::Stop,
         Stage::Image,
+        Stage::Copy,
+        Stage::Share,
+        Stage::Publish,
         Stage::Tag,
         Stage::Record,
     ];
@@ -88,6 +101,9 @@ impl Stage {
             Stage::Hygiene => "hygiene",
             Stage::Stop => "stop",
             Stage::Image => "image",
+            Stage::Copy => "copy",
+            Stage::Share => "share",
+            Stage::Publish => "publish",
             Stage::Tag => "tag",
             Stage::Record => "record",
         }
@@ -107,6 +123,18 @@ pub enum Stop {
     Interrupted(String),
 }
 
+/// What the boot test said about the image: the hook between the boot-test stage (which sets
+/// it) and publish (which reads it, with [`distribute::may_publish`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootTest {
+    /// The recipe has no boot test: the image is published with a warning.
+    Absent,
+    /// A boot test is due and has not passed (yet): not published.
+    Pending,
+    Passed,
+    Failed,
+}
+
 /// What every stage shares: the build state that is not any one stage's output.
 pub struct Bake {
     pub opts: BakeOptions,
@@ -123,6 +151,10 @@ pub struct Bake {
     pub broker_pid: Arc<AtomicU32>,
     /// The stages entered so far, in order.
     pub entered: Vec<Stage>,
+    /// The image's boot test (set by its stage; publish reads it).
+    pub boot_test: BootTest,
+    /// Each region's KMS key, checked before the bake ([`distribute::check_keys`]).
+    pub keys: Vec<RegionKey>,
 }
 
 impl Bake {
@@ -147,6 +179,20 @@ impl Bake {
             interrupt,
             broker_pid: Arc::new(AtomicU32::new(0)),
             entered: Vec::new(),
+            boot_test: BootTest::Absent,
+            keys: Vec::new(),
+        }
+    }
+
+    /// What the distribution stages need of the build.
+    pub fn ctx(&self) -> Ctx<'_> {
+        Ctx {
+            aws: &self.aws,
+            ledger: &self.ledger,
+            progress: &self.progress,
+            run_id: &self.build_id,
+            started: &self.started,
+            dist: &self.opts.distribution,
         }
     }
 
@@ -204,7 +250,15 @@ pub async fn run(mut b: Bake) -> (Progress, Result<Built, Stop>) {
 async fn until_tagged(b: &mut Bake) -> Result<Made, Error> {
     b.enter(Stage::ResolveBase);
     let resolved = match base::resolve(b).await? {
-        base::Resolution::Unchanged(built) => return Ok(Made::Unchanged(built)),
+        base::Resolution::Unchanged(mut built) => {
+            // The same image again: it still gets what it lacks (a copy in a region added to
+            // --copy-to since, the parameter).
+            let pending = distribute_image(b, &built.ami_id).await?;
+            b.enter(Stage::Tag);
+            copy::complete(&b.ctx(), &pending.copies).await?;
+            built.distributed = finish(b, pending);
+            return Ok(Made::Unchanged(built));
+        }
         base::Resolution::Build(r) => r,
     };
     b.enter(Stage::KeyPair);
@@ -252,9 +306,69 @@ async fn until_tagged(b: &mut Bake) -> Result<Made, Error> {
     machine::stop(b, &launched).await?;
     b.enter(Stage::Image);
     let imaged = image::image(b, &resolved, &launched).await?;
+    let pending = distribute_image(b, &imaged.id).await?;
     b.enter(Stage::Tag);
-    let built = image::tag(b, &resolved, &imaged).await?;
+    // The copies first, then the image: a copy never outlives a build that failed.
+    copy::complete(&b.ctx(), &pending.copies).await?;
+    let mut built = image::tag(b, &resolved, &imaged).await?;
+    built.distributed = finish(b, pending);
     Ok(Made::Image(built))
+}
+
+/// What the distribution stages made, until the tag stage keeps it.
+struct Pending {
+    copies: Vec<copy::Copied>,
+    published: Vec<publish::Publishing>,
+    regions: std::collections::BTreeMap<String, String>,
+}
+
+/// Stages copy, share and publish for the image `ami` of the build's region (a new one, or an
+/// unchanged one).
+async fn distribute_image(b: &mut Bake, ami: &str) -> Result<Pending, Error> {
+    let mut pending = Pending {
+        copies: Vec::new(),
+        published: Vec::new(),
+        regions: [(b.aws.region.clone(), ami.to_string())].into(),
+    };
+    if b.opts.distribution.is_empty() {
+        return Ok(pending);
+    }
+    let image = b.aws.ec2.image(ami).await?.ok_or_else(|| {
+        crate::aws::Error::other(
+            format!("DescribeImages {ami}"),
+            &b.aws.region,
+            "the image is gone (deregistered by someone else?)",
+        )
+    })?;
+    let source = Source {
+        region: b.aws.region.clone(),
+        image,
+    };
+    b.enter(Stage::Copy);
+    pending.copies = copy::copy(&b.ctx(), &source).await?;
+    b.enter(Stage::Share);
+    share::share(&b.ctx(), &source, &pending.copies, &b.keys).await?;
+    b.enter(Stage::Publish);
+    pending.published = publish::publish(&b.ctx(), &source, &pending.copies, b.boot_test).await?;
+    Ok(pending)
+}
+
+/// The end of the tag stage: what the distribution made is kept; where the image is now.
+fn finish(b: &Bake, pending: Pending) -> distribute::Distributed {
+    copy::keep(&b.ctx(), &pending.copies);
+    publish::keep(&b.ctx(), &pending.published);
+    let mut regions = pending.regions;
+    regions.extend(
+        pending
+            .copies
+            .iter()
+            .map(|c| (c.region.clone(), c.id.clone())),
+    );
+    distribute::Distributed {
+        regions,
+        shared_with: b.opts.distribution.share_with.clone(),
+        published: pending.published.into_iter().map(|p| p.published).collect(),
+    }
 }
 
 /// Waits until `check` is ready, with progress lines and an error naming the last state.
@@ -350,6 +464,9 @@ mod tests {
                 "hygiene",
                 "stop",
                 "image",
+                "copy",
+                "share",
+                "publish",
                 "tag",
                 "record"
             ]
