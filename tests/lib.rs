@@ -6,6 +6,7 @@ mod support;
 mod apply;
 mod apply_instance;
 mod build;
+mod distribute;
 mod handover;
 mod harness;
 mod harness_aws;

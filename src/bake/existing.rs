@@ -68,7 +68,7 @@ pub async fn copy_image(opts: CopyOptions, aws: Aws, interrupt: Interrupt) -> Re
     let progress = Progress::new(opts.output, opts.quiet, Vec::new());
     progress.info(
         "copy",
-        &format!("copy run {run_id}: {} in {}", opts.image, aws.region),
+        &format!("copy {run_id} of {} in {}", opts.image, aws.region),
     );
     let image = match aws.ec2.image(&opts.image).await {
         Ok(Some(i)) => i,

@@ -9,8 +9,13 @@ Commands:
   recorded {"recording"}               API action names in a moto recording (JSON lines)
   recorded-requests {"recording"}      the same requests with their query/form parameters
   iam-user {"policy"}                  new IAM user with that inline policy -> access key
-  put-parameter {"name","value","secure"}
-  register-image {"name","tags"}       an AMI (from a fresh snapshot) to use as a base
+  put-parameter {"name","value","secure","region"}
+  get-parameter {"name","region"}      {"value","version","data_type"}, or null
+  register-image {"name","tags","region","encrypted","kms_key_id"}
+                                       an AMI (from a fresh snapshot, encrypted if asked)
+  kms-key {"region","alias"}           a customer managed key with that alias -> {"arn"}
+  ebs-default-key {"region","key"}     the account's default EBS key there -> {"arn"}
+  launch-permissions {"region","image_id"}  the accounts that may launch the image
   plant {"build_id", ...}              key pair, group, instance, image tagged like a build's,
                                        named as given (gc tests)
   watch {"tag_key","instance_type"}    forever: one JSON line per new running instance
@@ -94,6 +99,8 @@ def resources(args):
             "tags": tags(s.get("Tags")),
             "state": s.get("State"),
             "description": s.get("Description"),
+            "encrypted": s.get("Encrypted", False),
+            "kms_key_id": s.get("KmsKeyId"),
         }
         for page in ec2.get_paginator("describe_snapshots").paginate(OwnerIds=["self"])
         for s in page["Snapshots"]
@@ -175,7 +182,7 @@ def iam_user(args):
 
 
 def put_parameter(args):
-    ssm = client("ssm")
+    ssm = client("ssm", args.get("region"))
     out = ssm.put_parameter(
         Name=args["name"],
         Value=args["value"],
@@ -185,8 +192,55 @@ def put_parameter(args):
     return {"version": out.get("Version")}
 
 
+def get_parameter(args):
+    ssm = client("ssm", args.get("region"))
+    try:
+        p = ssm.get_parameter(Name=args["name"])["Parameter"]
+    except ssm.exceptions.ParameterNotFound:
+        return None
+    return {"value": p["Value"], "version": p["Version"], "data_type": p.get("DataType")}
+
+
+def kms_key(args):
+    kms = client("kms", args.get("region"))
+    key = kms.create_key(Description="jbake test key")["KeyMetadata"]
+    kms.create_alias(AliasName=args["alias"], TargetKeyId=key["KeyId"])
+    return {"arn": key["Arn"]}
+
+
+def ebs_default_key(args):
+    ec2 = client("ec2", args.get("region"))
+    return {"arn": ec2.modify_ebs_default_kms_key_id(KmsKeyId=args["key"])["KmsKeyId"]}
+
+
+def launch_permissions(args):
+    ec2 = client("ec2", args.get("region"))
+    out = ec2.describe_image_attribute(ImageId=args["image_id"], Attribute="launchPermission")
+    return sorted(p["UserId"] for p in out.get("LaunchPermissions", []) if "UserId" in p)
+
+
+def encrypted_image(ec2, args):
+    """An image made by CreateImage from a stopped instance whose root volume is encrypted
+    (with args["kms_key_id"], or the region's default EBS key), as a build makes it."""
+    ebs = {"VolumeSize": 8, "Encrypted": True}
+    if args.get("kms_key_id"):
+        ebs["KmsKeyId"] = args["kms_key_id"]
+    base = ec2.describe_images(Owners=["137112412989"])["Images"][0]["ImageId"]
+    iid = ec2.run_instances(ImageId=base, MinCount=1, MaxCount=1,
+                            BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": ebs}],
+                            )["Instances"][0]["InstanceId"]
+    tag_list = [{"Key": k, "Value": v} for k, v in (args.get("tags") or {}).items()]
+    specs = [{"ResourceType": "image", "Tags": tag_list}] if tag_list else []
+    image = ec2.create_image(InstanceId=iid, Name=args["name"], TagSpecifications=specs)["ImageId"]
+    ec2.terminate_instances(InstanceIds=[iid])
+    snap = ec2.describe_images(ImageIds=[image])["Images"][0]["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"]
+    return {"image_id": image, "snapshot_id": snap}
+
+
 def register_image(args):
     ec2 = client("ec2", args.get("region"))
+    if args.get("encrypted"):
+        return encrypted_image(ec2, args)
     volume = ec2.create_volume(AvailabilityZone=(args.get("region") or ec2.meta.region_name) + "a", Size=8)
     snapshot = ec2.create_snapshot(VolumeId=volume["VolumeId"])
     ec2.delete_volume(VolumeId=volume["VolumeId"])
@@ -291,6 +345,10 @@ COMMANDS = {
     "recorded-requests": recorded_requests,
     "iam-user": iam_user,
     "put-parameter": put_parameter,
+    "get-parameter": get_parameter,
+    "kms-key": kms_key,
+    "ebs-default-key": ebs_default_key,
+    "launch-permissions": launch_permissions,
     "register-image": register_image,
     "plant": plant,
     "watch": watch,

@@ -6,11 +6,13 @@ Usage: fault_proxy.py UPSTREAM_URL   (listens on 127.0.0.1, a free port; prints
 
 Control endpoints (on the proxy itself, never forwarded):
   POST /__fault__/rules   JSON list of rules, replacing the current ones
-  GET  /__fault__/log     JSON list of {"action", "fault"} for every request seen
+  GET  /__fault__/log     JSON list of {"action", "region", "fault"} for every request seen
 
 A rule: {"action": "CreateImage", "status": 500, "code": "InternalError",
 "message": "...", "times": N (default unlimited), "delay_ms": M, "drop": true,
-"after": "RunInstances" (only once that action was seen since the rules were set)}.
+"after": "RunInstances" (only once that action was seen since the rules were set),
+"region": "us-west-2" (only requests to that region: the region of the request's SigV4
+credential scope, as AWS and moto read it when one endpoint serves every region)}.
 The first rule whose action matches (and has times left) applies: it waits
 delay_ms, then closes the connection without an answer (drop), or answers with an
 EC2-style XML error (status given), or (delay only) forwards. A rule with "hold": KEY
@@ -41,6 +43,8 @@ EC2 as AWS documents it and moto does not show it, in scaled time (seconds, not 
   "image_pending_s": S  an image is `pending` for S seconds after CreateImage, without block
                       device mappings; its snapshots (found by "for ami-..." in their
                       description) are `pending` with it
+  "copy_pending_s": S  the same for a copy after CopyImage (default: image_pending_s); its
+                      snapshots are found by "DestinationAmi ami-..." in their description
   "throttle_every": N, "throttle_p": P, "throttle_burst": B   every Nth request, or each
                       request with probability P, starts a burst of B answers HTTP 503
                       RequestLimitExceeded (the request does not reach moto)
@@ -91,10 +95,21 @@ def action_of(path, headers, body):
     return ""
 
 
-def take_rule(action):
+CREDENTIAL_SCOPE = re.compile(r"Credential=[^/,\s]+/\d{8}/([a-z0-9-]+)/")
+
+
+def region_of(headers):
+    """The region a request is for: its SigV4 credential scope (one endpoint serves all)."""
+    m = CREDENTIAL_SCOPE.search(headers.get("Authorization") or "")
+    return m.group(1) if m else ""
+
+
+def take_rule(action, region=""):
     with LOCK:
         for rule in RULES:
             if rule.get("action") not in (action, "*"):
+                continue
+            if rule.get("region") and rule["region"] != region:
                 continue
             if rule.get("after") and rule["after"] not in SEEN:
                 continue
@@ -230,6 +245,9 @@ class World:
         elif action == "CreateImage":
             for item in root.iter(q("imageId")):
                 new.append((item.text, "image", {}))
+        elif action == "CopyImage":
+            for item in root.iter(q("imageId")):
+                new.append((item.text, "image", {"copy": True}))
         for rid, kind, extra in new:
             if rid and rid not in self.things:  # a retried RunInstances returns the same one
                 self.things[rid] = dict(kind=kind, t=now, refs=refs, **extra)
@@ -267,7 +285,11 @@ class World:
 
     def image_pending(self, ami):
         age = self.age(ami)
-        return age is not None and age < self.f("image_pending_s")
+        if age is None:
+            return False
+        if self.things[ami].get("copy") and self.cfg.get("copy_pending_s") is not None:
+            return age < self.f("copy_pending_s")
+        return age < self.f("image_pending_s")
 
     def rewrite(self, action, params, data):
         if action not in ("DescribeInstances", "DescribeImages", "DescribeSnapshots",
@@ -326,7 +348,8 @@ class World:
         elif action == "DescribeSnapshots":
             for sset in root.iter(q("snapshotSet")):
                 for snap in list(sset):
-                    m = re.search(r"for (ami-[0-9a-f]+)", snap.findtext(q("description")) or "")
+                    m = re.search(r"(?:for|DestinationAmi) (ami-[0-9a-f]+)",
+                                  snap.findtext(q("description")) or "")
                     if not m or m.group(1) not in self.things:
                         continue
                     ami = m.group(1)
@@ -417,7 +440,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.path.startswith("/__fault__/"):
             return self._control(body)
         action = action_of(self.path, self.headers, body)
-        rule = take_rule(action) if action else None
+        region = region_of(self.headers)
+        rule = take_rule(action, region) if action else None
         with LOCK:
             SEEN.add(action)
         if rule and rule.get("hold"):
@@ -427,7 +451,7 @@ class Handler(BaseHTTPRequestHandler):
         if rule and rule.get("delay_ms"):
             time.sleep(rule["delay_ms"] / 1000.0)
         injected = bool(rule) and (rule.get("drop") or rule.get("status") is not None)
-        self._entry = {"action": action, "fault": injected}
+        self._entry = {"action": action, "region": region, "fault": injected}
         with LOCK:
             LOG.append(self._entry)
         if rule and rule.get("drop"):

@@ -393,6 +393,106 @@ impl Moto {
     }
 }
 
+/// An SSM parameter as the harness reads it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Parameter {
+    pub value: String,
+    pub version: i64,
+    pub data_type: Option<String>,
+}
+
+/// The copy/share/publish tests' helpers: several regions, KMS keys, launch permissions,
+/// parameters.
+impl Moto {
+    /// The EC2 state of each of `regions`, in that order.
+    pub fn resources_in(&self, regions: &[&str]) -> Vec<(String, Resources)> {
+        regions
+            .iter()
+            .map(|r| (r.to_string(), self.resources(r)))
+            .collect()
+    }
+
+    /// A customer managed KMS key in `region`, with `alias`; returns its ARN.
+    pub fn kms_key(&self, region: &str, alias: &str) -> String {
+        let v = self.awsctl(
+            "kms-key",
+            serde_json::json!({ "region": region, "alias": alias }),
+        );
+        v["arn"]
+            .as_str()
+            .expect("awsctl kms-key prints an arn")
+            .to_string()
+    }
+
+    /// Makes `key` the account's default EBS key in `region`; returns its ARN.
+    pub fn set_ebs_default_key(&self, region: &str, key: &str) -> String {
+        let v = self.awsctl(
+            "ebs-default-key",
+            serde_json::json!({ "region": region, "key": key }),
+        );
+        v["arn"]
+            .as_str()
+            .expect("awsctl ebs-default-key prints an arn")
+            .to_string()
+    }
+
+    /// The accounts that may launch `image` (in `region`).
+    pub fn launch_permissions(&self, region: &str, image: &str) -> Vec<String> {
+        let v = self.awsctl(
+            "launch-permissions",
+            serde_json::json!({ "region": region, "image_id": image }),
+        );
+        serde_json::from_value(v).expect("awsctl launch-permissions prints a list")
+    }
+
+    /// The SSM parameter `name` in `region`, if it exists.
+    pub fn parameter(&self, region: &str, name: &str) -> Option<Parameter> {
+        let v = self.awsctl(
+            "get-parameter",
+            serde_json::json!({ "region": region, "name": name }),
+        );
+        serde_json::from_value(v).expect("awsctl get-parameter prints a parameter or null")
+    }
+
+    /// A String parameter in `region` (overwriting).
+    pub fn put_parameter_in(&self, region: &str, name: &str, value: &str) {
+        self.awsctl(
+            "put-parameter",
+            serde_json::json!({ "name": name, "value": value, "region": region }),
+        );
+    }
+
+    /// An image of this account in `region`, tagged with `tags`; with `encrypted`, made by
+    /// CreateImage from an instance whose root volume is encrypted with that key (`Some(None)`:
+    /// the region's default EBS key), as a build makes it. Returns `(image id, snapshot id)`.
+    pub fn image_fixture_in(
+        &self,
+        region: &str,
+        name: &str,
+        tags: &[(&str, &str)],
+        encrypted: Option<Option<&str>>,
+    ) -> (String, String) {
+        let tags: BTreeMap<&str, &str> = tags.iter().copied().collect();
+        let value = self.awsctl(
+            "register-image",
+            serde_json::json!({
+                "name": name,
+                "tags": tags,
+                "region": region,
+                "encrypted": encrypted.is_some(),
+                "kms_key_id": encrypted.flatten(),
+            }),
+        );
+        let get = |k: &str| {
+            value[k]
+                .as_str()
+                .unwrap_or_else(|| panic!("awsctl register-image printed no {k}: {value}"))
+                .to_string()
+        };
+        (get("image_id"), get("snapshot_id"))
+    }
+}
+
 impl Drop for Moto {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -465,8 +565,14 @@ pub struct SnapshotInfo {
     pub id: String,
     pub tags: BTreeMap<String, String>,
     pub state: Option<String>,
-    /// `Created by CreateImage(i-…) for ami-…` for an image's snapshot.
+    /// `Created by CreateImage(i-…) for ami-…` for an image's snapshot, `Copied for
+    /// DestinationAmi ami-… from SourceAmi ami-…` for a copy's.
     pub description: Option<String>,
+    #[serde(default)]
+    pub encrypted: bool,
+    /// The key's ARN, when encrypted.
+    #[serde(default)]
+    pub kms_key_id: Option<String>,
 }
 
 /// EC2 state of one region at one moment. Images and snapshots are this account's
@@ -600,6 +706,9 @@ impl Resources {
 pub struct ProxyLogEntry {
     /// The API action ("" when the request had none).
     pub action: String,
+    /// The region of the request (its SigV4 credential scope).
+    #[serde(default)]
+    pub region: String,
     /// True when the proxy answered with an error or dropped the connection.
     pub fault: bool,
     /// The realistic world's fault (`throttle`, `not_found`, `dependency`, `lost`), if any.

@@ -327,6 +327,156 @@ _install_bake_patches()
 # ------------------------------------------------------------------------ end of the bake block
 
 
+# ---------------------------------------------------------------------------------------------
+# distribute: what EC2 and KMS do at CopyImage, GetEbsDefaultKmsKeyId and CreateImage that moto
+# 5.2.5 does not (the harness is patched, never the product). Owned by the copy/share/publish
+# tests (tests/distribute.rs); other patches go in their own block.
+#
+# - CopyImage ignored ClientToken (a retry whose answer was lost made a second copy), its
+#   TagSpecifications (image and snapshot), Encrypted and KmsKeyId, and took a name the
+#   destination region already has. Now: the same token in the same region returns the same
+#   copy; the copy and its snapshot carry the requested tags; the snapshot is encrypted with the
+#   given key (its ARN), or the region's default EBS key; it is described as AWS describes a
+#   copied snapshot ("Copied for DestinationAmi ami-… from SourceAmi ami-… for SourceSnapshot
+#   snap-…. Task created on …"); a name taken in the region is `InvalidAMIName.Duplicate`.
+# - GetEbsDefaultKmsKeyId was not implemented (HTTP 500): it answers `alias/aws/ebs` until
+#   ModifyEbsDefaultKmsKeyId names another key, then that key's ARN, as AWS does.
+# - The keys behind the reserved aliases (alias/aws/ebs, …) were customer managed keys; on AWS
+#   they are AWS managed (KeyManager AWS: their policy cannot be changed, so an image encrypted
+#   with aws/ebs cannot be shared).
+# - CreateImage made an unencrypted snapshot whatever the instance's root volume was; on AWS the
+#   snapshot has the volume's encryption (and key).
+# ---------------------------------------------------------------------------------------------
+
+
+def _install_distribute_patches():
+    import time as _time
+
+    from moto.core.responses import ActionResult
+    from moto.ec2.exceptions import EC2ClientError
+    from moto.ec2.models.amis import AmiBackend
+    from moto.ec2.models.elastic_block_store import EBSBackend
+    from moto.ec2.responses.amis import AmisResponse
+    from moto.ec2.responses.elastic_block_store import ElasticBlockStore
+    from moto.kms.models import KmsBackend
+    from moto.kms.utils import RESERVED_ALIASES
+
+    def key_arn(backend, key):
+        """The ARN of a key named by id, alias or ARN in the backend's region (None: unknown)."""
+        from moto.kms import kms_backends
+
+        kms = kms_backends[backend.account_id][backend.region_name]
+        try:
+            return kms.describe_key(key).arn
+        except Exception:
+            return None
+
+    def default_key_arn(backend):
+        if not backend.default_kms_key_id:
+            backend._create_default_encryption_key()
+        return backend.default_kms_key_id
+
+    def copy_image_like_aws(self):
+        token = self._get_param("ClientToken")
+        backend = self.ec2_backend
+        tokens = backend.__dict__.setdefault("_jbake_copy_tokens", {})
+        if token and token in tokens and tokens[token] in backend.amis:
+            return ActionResult({"ImageId": tokens[token]})
+        name = self._get_param("Name")
+        for ami in list(backend.amis.values()):
+            if ami.name == name and ami.owner_id == backend.account_id:
+                raise EC2ClientError(
+                    "InvalidAMIName.Duplicate",
+                    f"AMI name {name} is already in use by AMI {ami.id}",
+                )
+        source_id = self._get_param("SourceImageId")
+        source_region = self._get_param("SourceRegion")
+        self.error_on_dryrun()
+        image = backend.copy_image(source_id, source_region, name, self._get_param("Description"))
+        specs = self._get_param("TagSpecifications", []) or []
+        for spec in specs:
+            tags = {t["Key"]: t["Value"] for t in spec.get("Tags", [])}
+            if spec.get("ResourceType") == "image":
+                for k, v in tags.items():
+                    image.add_tag(k, v)
+            elif spec.get("ResourceType") == "snapshot":
+                backend.create_tags([image.ebs_snapshot.id], tags)
+        from moto.ec2.models import ec2_backends
+
+        source = ec2_backends[backend.account_id][source_region].describe_images(
+            ami_ids=[source_id]
+        )[0]
+        snap = image.ebs_snapshot
+        key = self._get_param("KmsKeyId")
+        encrypted = str(self._get_param("Encrypted", "false")).lower() == "true"
+        if key or encrypted or source.ebs_snapshot.encrypted:
+            snap.encrypted = True
+            snap.kms_key_id = (key_arn(backend, key) or key) if key else default_key_arn(backend)
+        snap.description = (
+            f"Copied for DestinationAmi {image.id} from SourceAmi {source_id} for SourceSnapshot "
+            f"{source.ebs_snapshot.id}. Task created on {int(_time.time() * 1000):,}."
+        )
+        if token:
+            tokens[token] = image.id
+        return ActionResult({"ImageId": image.id})
+
+    def get_ebs_default_kms_key_id(self):
+        self.error_on_dryrun()
+        backend = self.ec2_backend
+        if backend.__dict__.get("_jbake_default_key_set"):
+            return ActionResult({"KmsKeyId": backend.default_kms_key_id})
+        return ActionResult({"KmsKeyId": "alias/aws/ebs"})
+
+    modify_default = EBSBackend.modify_ebs_default_kms_key_id
+
+    def modify_ebs_default_kms_key_id(self, kms_key_id):
+        arn = modify_default(self, kms_key_id)
+        self.__dict__["_jbake_default_key_set"] = bool(kms_key_id)
+        return arn
+
+    create_default = EBSBackend._create_default_encryption_key
+
+    def create_default_encryption_key(self):
+        arn = create_default(self)
+        from moto.kms import kms_backends
+
+        kms = kms_backends[self.account_id][self.region_name]
+        kms.describe_key(arn).key_manager = "AWS"
+        return arn
+
+    describe_key = KmsBackend.describe_key
+
+    def describe_key_like_aws(self, key_id):
+        key = describe_key(self, key_id)
+        if any(a in RESERVED_ALIASES for a in key.aliases):
+            key.key_manager = "AWS"
+        return key
+
+    create_image = AmiBackend.create_image
+
+    def create_image_encrypted_like_its_volume(self, instance_id, name, description, tag_specifications):
+        ami = create_image(self, instance_id, name, description, tag_specifications)
+        instance = self.get_instance(instance_id)
+        for _, device in instance.get_block_device_mapping:
+            volume = self.get_volume(device.volume_id)
+            if volume.encrypted:
+                ami.ebs_snapshot.encrypted = True
+                ami.ebs_snapshot.kms_key_id = key_arn(self, volume.kms_key_id) or volume.kms_key_id
+                break
+        return ami
+
+    AmisResponse.copy_image = copy_image_like_aws
+    ElasticBlockStore.get_ebs_default_kms_key_id = get_ebs_default_kms_key_id
+    EBSBackend.modify_ebs_default_kms_key_id = modify_ebs_default_kms_key_id
+    EBSBackend._create_default_encryption_key = create_default_encryption_key
+    KmsBackend.describe_key = describe_key_like_aws
+    AmiBackend.create_image = create_image_encrypted_like_its_volume
+
+
+_install_distribute_patches()
+# ------------------------------------------------------------------ end of the distribute block
+
+
 if __name__ == "__main__":
     from moto.server import main
 

@@ -267,14 +267,22 @@ async fn copy_one(
 /// Marks the new copies complete (`jbake:complete=true`), each in its region: part of the tag
 /// stage, before the image itself.
 pub async fn complete(ctx: &Ctx<'_>, copies: &[Copied]) -> Result<(), Error> {
+    let complete = vec![(tags::COMPLETE.to_string(), "true".to_string())];
     for c in copies.iter().filter(|c| c.entry.is_some()) {
         let aws = ctx.aws.in_region(&c.region).await;
-        aws.ec2
-            .create_tags(
-                std::slice::from_ref(&c.id),
-                &vec![(tags::COMPLETE.to_string(), "true".to_string())],
-            )
-            .await?;
+        let (client, id, tag) = (&aws, std::slice::from_ref(&c.id), &complete);
+        settle(
+            ctx.progress,
+            &format!("copy {} in {} to take its tag", c.id, c.region),
+            || async {
+                match client.ec2.create_tags(id, tag).await {
+                    Ok(()) => Ok(wait::Poll::Ready(())),
+                    Err(e) if e.is_not_found() => Ok(wait::Poll::Pending("not visible yet".into())),
+                    Err(e) => Err(e),
+                }
+            },
+        )
+        .await?;
     }
     Ok(())
 }

@@ -6,9 +6,12 @@
 //!
 //! Nothing to undo: the permissions go with the image (and its copies) if the build fails.
 
+use crate::aws::{wait, Aws};
+
 use super::super::distribute::{self, Ctx, RegionKey, Source};
 use super::super::Error;
 use super::copy::Copied;
+use super::settle;
 
 pub async fn share(
     ctx: &Ctx<'_>,
@@ -28,10 +31,10 @@ pub async fn share(
             accounts.join(", ")
         ),
     );
-    ctx.aws.ec2.share_image(&source.image.id, accounts).await?;
+    share_one(ctx, ctx.aws, &source.image.id).await?;
     for c in copies {
         let aws = ctx.aws.in_region(&c.region).await;
-        aws.ec2.share_image(&c.id, accounts).await?;
+        share_one(ctx, &aws, &c.id).await?;
         ctx.progress.info(
             "shared",
             &format!(
@@ -46,4 +49,21 @@ pub async fn share(
         ctx.progress.info("shared", &needed);
     }
     Ok(())
+}
+
+/// Launch permissions on one image; a copy EC2 does not show everywhere yet is waited for.
+async fn share_one(ctx: &Ctx<'_>, aws: &Aws, image: &str) -> Result<(), Error> {
+    let accounts = &ctx.dist.share_with;
+    settle(
+        ctx.progress,
+        &format!("image {image} in {} to take launch permissions", aws.region),
+        || async {
+            match aws.ec2.share_image(image, accounts).await {
+                Ok(()) => Ok(wait::Poll::Ready(())),
+                Err(e) if e.is_not_found() => Ok(wait::Poll::Pending("not visible yet".into())),
+                Err(e) => Err(e),
+            }
+        },
+    )
+    .await
 }
