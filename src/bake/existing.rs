@@ -136,11 +136,14 @@ pub async fn copy_image(opts: CopyOptions, aws: Aws, interrupt: Interrupt) -> Re
         cleanup::run(&aws, &ledger, &progress, interrupt, seen).await
     };
     if let Outcome::Done(d) = &outcome {
-        let regions: Vec<String> = d
-            .regions
-            .iter()
-            .map(|(r, id)| format!("{id} ({r})"))
-            .collect();
+        // The image's own region first, then its copies'.
+        let mut regions = vec![format!("{} ({})", opts.image, aws.region)];
+        regions.extend(
+            d.regions
+                .iter()
+                .filter(|(r, _)| **r != aws.region)
+                .map(|(r, id)| format!("{id} ({r})")),
+        );
         let mut text = format!("copied {}: {}", opts.image, regions.join(", "));
         if !d.shared_with.is_empty() {
             text.push_str(&format!("; shared with {}", d.shared_with.join(", ")));
