@@ -106,9 +106,25 @@ fn iam_actions<'a>(actions: impl IntoIterator<Item = &'a String>) -> BTreeSet<St
     actions
         .into_iter()
         .filter(|a| !a.is_empty())
-        .map(|a| iam_action(a))
+        .map(|a| match a.as_str() {
+            "DescribeKey" => "kms:DescribeKey".to_string(),
+            _ => iam_action(a),
+        })
         .collect()
 }
+
+/// What EC2 asks KMS for on jbake's behalf when a customer managed key encrypts a volume or a
+/// copy (`kms:ViaService`): in the build policy, never called by jbake itself, so never seen.
+const KMS_VIA_EC2: [&str; 5] = [
+    "kms:CreateGrant",
+    "kms:Decrypt",
+    "kms:GenerateDataKeyWithoutPlaintext",
+    "kms:ReEncryptFrom",
+    "kms:ReEncryptTo",
+];
+/// Where the IAM build test copies its image; the account it shares it with.
+const COPY_REGION: &str = "us-west-2";
+const SHARE_WITH: &str = "111122223333";
 
 /// A default subnet of the region (through the harness's own credentials).
 fn a_subnet(moto: &Moto) -> String {
@@ -171,6 +187,11 @@ fn iam_build_policy_bakes_an_image_and_a_missing_action_fails_cleanly() {
     // image exists: the latest failure, with the most to clean up (image and snapshots too).
     let (no_tags_key, no_tags_secret) =
         moto.iam_user(&for_moto(&policy_without(&policy, "ec2:CreateTags")));
+    // The image is copied, shared and published: customer managed keys (the home region's is
+    // its default EBS key, looked up; the copy's is named) let it be shared.
+    moto.kms_key(REGION, "alias/jbake-images");
+    moto.set_ebs_default_key(REGION, "alias/jbake-images");
+    moto.kms_key(COPY_REGION, "alias/jbake-dr");
     moto.enable_iam_auth();
     let subnet = a_subnet(&moto);
     let vm = Instance::builder("iam-build").up();
@@ -186,17 +207,20 @@ fn iam_build_policy_bakes_an_image_and_a_missing_action_fails_cleanly() {
     );
     // jbake's requests, and only those, go through the proxy: its log is what jbake called.
     let boot = FaultProxy::start(&moto.endpoint());
+    let dr_key = format!("{COPY_REGION}=alias/jbake-dr");
     let build = |key: &str, secret: &str| {
         boot.set(BOOTING);
         let mut c = build_cmd(&moto, &boot.endpoint(), &r, &vm.host, vm.port, &manifest);
         c.envs(moto.env_with(&boot.endpoint(), key, secret));
+        c.args(["--copy-to", COPY_REGION, "--kms-key-id", &dr_key])
+            .args(["--share-with", SHARE_WITH]);
         c
     };
     eprintln!("set up in {:?}", t0.elapsed());
 
     // The whole build, as the user holding exactly the build policy.
     let t = Instant::now();
-    let out = run(build(&key, &secret), &[]);
+    let out = run(build(&key, &secret), &["--publish-ssm"]);
     eprintln!("build under the build policy: {:?}", t.elapsed());
     out.assert_code(0);
     let id = build_id_of(&out);
@@ -233,6 +257,19 @@ fn iam_build_policy_bakes_an_image_and_a_missing_action_fails_cleanly() {
         assert_eq!(s.tags.get("jbake:build-id"), Some(&id), "{s:?}");
     }
     assert_nothing_left(&moto, &id);
+    // Copied, shared, published.
+    let copy = result["regions"][COPY_REGION]
+        .as_str()
+        .expect("the copy")
+        .to_string();
+    assert_eq!(moto.launch_permissions(COPY_REGION, &copy), [SHARE_WITH]);
+    assert_eq!(moto.launch_permissions(REGION, &ami), [SHARE_WITH]);
+    assert_eq!(
+        moto.parameter(COPY_REGION, "/jbake/jbake-test/latest")
+            .map(|p| p.value),
+        Some(copy.clone())
+    );
+    assert!(moto.resources(COPY_REGION).leftovers_of(None).is_empty());
     assert_eq!(
         vm.exec_ok("cat /etc/jbake-built"),
         result["version"].as_str().expect("version")
@@ -249,9 +286,16 @@ fn iam_build_policy_bakes_an_image_and_a_missing_action_fails_cleanly() {
         .collect();
     let snapshots_before: BTreeSet<String> = res.snapshots.iter().map(|s| s.id.clone()).collect();
     let t = Instant::now();
+    // (Published under another prefix: the parameter it creates is deleted again.)
     let denied = run(
         build(&no_tags_key, &no_tags_secret),
-        &["--force", "--subnet-id", &subnet],
+        &[
+            "--force",
+            "--subnet-id",
+            &subnet,
+            "--publish-ssm",
+            "/jbake/denied",
+        ],
     );
     eprintln!("build without ec2:CreateTags: {:?}", t.elapsed());
     eprintln!("{}", denied.stderr.trim_end());
@@ -288,6 +332,19 @@ fn iam_build_policy_bakes_an_image_and_a_missing_action_fails_cleanly() {
         snapshots_after, snapshots_before,
         "its snapshots are deleted"
     );
+    // Its copy and parameters too.
+    assert!(
+        moto.resources(COPY_REGION)
+            .tagged_with_build(&denied_id)
+            .is_empty(),
+        "the denied build's copy is removed"
+    );
+    for region in [REGION, COPY_REGION] {
+        assert_eq!(
+            moto.parameter(region, "/jbake/denied/jbake-test/latest"),
+            None
+        );
+    }
 
     // gc (nothing left to find) also lives with the build policy.
     let t = Instant::now();
@@ -306,11 +363,15 @@ fn iam_build_policy_bakes_an_image_and_a_missing_action_fails_cleanly() {
         gc.stderr
     );
 
-    // Least privilege: every action the policy lists was needed by these runs.
+    // Least privilege: every action the policy lists was needed by these runs (but what EC2
+    // asks KMS for on jbake's behalf, which moto does not play).
     let used = iam_actions(boot.log().iter().map(|e| &e.action));
+    let mut expected = policy_actions(&policy);
+    for via_ec2 in KMS_VIA_EC2 {
+        assert!(expected.remove(via_ec2), "{via_ec2} is in the build policy");
+    }
     assert_eq!(
-        used,
-        policy_actions(&policy),
+        used, expected,
         "the build policy and what build and gc called differ"
     );
     eprintln!("total {:?}", t0.elapsed());
@@ -322,6 +383,70 @@ fn gc_run(moto: &Moto, endpoint: &str, key: &str, secret: &str, extra: &[&str]) 
     c.envs(moto.env_with(endpoint, key, secret));
     c.args(["gc", "--region", REGION, "--endpoint-url", endpoint]);
     run(c, extra)
+}
+
+// ---------------------------------------------------------------------------------------------
+// jbake copy (quick tier: nothing runs on a machine).
+
+#[test]
+fn iam_build_policy_copies_shares_and_publishes_an_image() {
+    if !prereq::moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let policy = policy_text(BUILD_POLICY);
+    let (key, secret) = moto.iam_user(&for_moto(&policy));
+    moto.kms_key(REGION, "alias/jbake-images");
+    moto.set_ebs_default_key(REGION, "alias/jbake-images");
+    moto.kms_key(COPY_REGION, "alias/jbake-dr");
+    let (image, _) = moto.image_fixture_in(
+        REGION,
+        "jenkins-agent-2026.11.30-1",
+        &[
+            ("jbake:recipe", "jenkins-agent"),
+            ("jbake:build-id", "20261130-010203-a1b2c3"),
+            ("jbake:version", "2026.11.30-1"),
+            ("jbake:complete", "true"),
+            ("jbake:tested", "true"),
+        ],
+        Some(None),
+    );
+    moto.enable_iam_auth();
+    let proxy = FaultProxy::start(&moto.endpoint());
+    let mut c = cli::jbake();
+    moto.apply_env(&mut c);
+    c.envs(moto.env_with(&proxy.endpoint(), &key, &secret))
+        .args(["copy", &image, "--region", REGION, "--to", COPY_REGION])
+        .args(["--kms-key-id", &format!("{COPY_REGION}=alias/jbake-dr")])
+        .args(["--share-with", SHARE_WITH, "--publish-ssm"])
+        .args(["--endpoint-url", &proxy.endpoint()]);
+    let out = Run::from_output(c.output().expect("run jbake copy"));
+    out.assert_code(0);
+    let used = iam_actions(proxy.log().iter().map(|e| &e.action));
+    let allowed = policy_actions(&policy);
+    assert!(used.is_subset(&allowed), "{used:?} not in {allowed:?}");
+    for needed in [
+        "ec2:CopyImage",
+        "ec2:ModifyImageAttribute",
+        "kms:DescribeKey",
+        "ssm:GetParameter",
+        "ssm:PutParameter",
+        "ec2:CreateTags",
+    ] {
+        assert!(used.contains(needed), "{needed} not in {used:?}");
+    }
+    assert_eq!(
+        moto.launch_permissions(COPY_REGION, &{
+            let res = moto.resources(COPY_REGION);
+            res.images
+                .iter()
+                .find(|i| i.tags.get("jbake:copy-of") == Some(&image))
+                .expect("the copy")
+                .id
+                .clone()
+        }),
+        [SHARE_WITH]
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -709,10 +834,11 @@ fn has_condition(st: &Value, op: &str, key: &str, value: &str) -> bool {
         .any(|(o, k, v)| o == op && k == key && v.iter().any(|x| x == value))
 }
 
-/// A read-only action that AWS does not scope to resources (`Describe*`, `List*`).
+/// A read-only action that AWS does not scope to resources (`Describe*`, `List*`, the
+/// account's default EBS key).
 fn is_describe(action: &str) -> bool {
     let op = action.split(':').nth(1).unwrap_or_default();
-    op.starts_with("Describe") || op.starts_with("List")
+    op.starts_with("Describe") || op.starts_with("List") || action == "ec2:GetEbsDefaultKmsKeyId"
 }
 
 /// An action that removes, stops or changes something that exists.
@@ -876,14 +1002,52 @@ fn iam_policies_are_scoped_by_resource_and_condition() {
         "aws:ResourceTag/jbake:build-id",
         "true"
     ));
-    // The build reads public parameters only (the base image), never a secret.
+    // The build reads public parameters (the base image) and the ones it publishes image ids
+    // in, never a secret; it writes only those.
     let build_ssm: Vec<String> = statements_with(&build, "ssm:GetParameter");
     assert!(
         build_ssm
             .iter()
-            .all(|r| r.contains(":parameter/aws/service/")),
+            .all(|r| r.contains(":parameter/aws/service/")
+                || r.ends_with(":parameter/jbake/*/latest")),
         "{build_ssm:?}"
     );
+    for write in ["ssm:PutParameter", "ssm:DeleteParameter"] {
+        assert_eq!(
+            statements_with(&build, write),
+            ["arn:aws:ssm:*:*:parameter/jbake/*/latest"],
+            "{write}: the publish path only (never the roll lock under /jbake/locks)"
+        );
+    }
+    // Copies are tagged at creation, of the account's own images; EC2 uses customer managed
+    // keys for jbake only through EC2 (and grants only for AWS resources).
+    let copy = build["Statement"]
+        .as_array()
+        .expect("statements")
+        .iter()
+        .find(|s| strings(&s["Action"]) == ["ec2:CopyImage"])
+        .expect("a CopyImage statement");
+    assert!(has_condition(
+        copy,
+        "StringEqualsIfExists",
+        "ec2:Owner",
+        "${aws:PrincipalAccount}"
+    ));
+    for st in build["Statement"].as_array().expect("statements") {
+        let actions = strings(&st["Action"]);
+        if actions.iter().any(|a| KMS_VIA_EC2.contains(&a.as_str())) {
+            assert!(
+                has_condition(st, "StringLike", "kms:ViaService", "ec2.*.amazonaws.com"),
+                "{st}"
+            );
+        }
+        if actions.iter().any(|a| a == "kms:CreateGrant") {
+            assert!(
+                has_condition(st, "Bool", "kms:GrantIsForAWSResource", "true"),
+                "{st}"
+            );
+        }
+    }
 
     // roll: the controller's launch template (tagged jbake:role=controller) and only it.
     let roll: Value = serde_json::from_str(&policy_text(ROLL_POLICY)).expect("JSON");
@@ -957,8 +1121,10 @@ fn statements_with(doc: &Value, action: &str) -> Vec<String> {
 /// CreateSecurityGroup by resource type on purpose, because a condition applies to a whole
 /// statement (the instance must be tagged at creation, the security group and key pair must be
 /// the build's own, the image and subnet are anyone's). Such a finding is justified when
-/// another Allow statement of the same policy gives the action the resource type it names;
-/// any other finding fails the test.
+/// another Allow statement of the same policy gives the action the resource type it names.
+/// The other: PERMISSIONS_MANAGEMENT_ACTIONS for `kms:CreateGrant` in the build policy, which
+/// EBS needs to encrypt with a customer managed key; justified when every statement allowing it
+/// holds it to grants for AWS resources made through EC2. Any other finding fails the test.
 #[test]
 fn iam_policies_pass_parliament() {
     if !prereq::require(
@@ -989,21 +1155,40 @@ fn iam_policies_pass_parliament() {
         {
             findings += 1;
             let f: Value = serde_json::from_str(line).expect("a parliament finding");
-            let ok = f["issue"] == "RESOURCE_MISMATCH"
-                && f["detail"].as_array().is_some_and(|details| {
-                    details.iter().all(|d| {
-                        let action = d["action"].as_str().unwrap_or_default();
-                        let kind = d["required_format"]
-                            .as_str()
-                            .unwrap_or_default()
-                            .rsplit(':')
-                            .next()
-                            .unwrap_or_default();
-                        statements_with(&doc, action)
-                            .iter()
-                            .any(|r| r.ends_with(&format!(":{kind}")))
-                    })
-                });
+            // kms:CreateGrant is "permissions management": allowed only for grants EC2 makes
+            // for its own volumes and copies (kms:GrantIsForAWSResource, through EC2).
+            let grants_for_ebs = f["issue"] == "PERMISSIONS_MANAGEMENT_ACTIONS"
+                && strings(&f["location"]["actions"]) == ["kms:creategrant"]
+                && doc["Statement"]
+                    .as_array()
+                    .expect("statements")
+                    .iter()
+                    .filter(|s| strings(&s["Action"]).iter().any(|a| a == "kms:CreateGrant"))
+                    .all(|s| {
+                        has_condition(s, "Bool", "kms:GrantIsForAWSResource", "true")
+                            && has_condition(
+                                s,
+                                "StringLike",
+                                "kms:ViaService",
+                                "ec2.*.amazonaws.com",
+                            )
+                    });
+            let ok = grants_for_ebs
+                || f["issue"] == "RESOURCE_MISMATCH"
+                    && f["detail"].as_array().is_some_and(|details| {
+                        details.iter().all(|d| {
+                            let action = d["action"].as_str().unwrap_or_default();
+                            let kind = d["required_format"]
+                                .as_str()
+                                .unwrap_or_default()
+                                .rsplit(':')
+                                .next()
+                                .unwrap_or_default();
+                            statements_with(&doc, action)
+                                .iter()
+                                .any(|r| r.ends_with(&format!(":{kind}")))
+                        })
+                    });
             let what = format!(
                 "{file}:{}: {} {}",
                 f["location"]["line"], f["issue"], f["detail"]
