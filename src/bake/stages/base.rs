@@ -40,7 +40,7 @@ impl Resolved {
 }
 
 pub enum Resolution {
-    Unchanged(Built),
+    Unchanged(Box<Built>),
     Build(Box<Resolved>),
 }
 
@@ -84,7 +84,7 @@ pub async fn resolve(b: &mut Bake) -> Result<Resolution, Error> {
                     content_hash.get(..12).unwrap_or_default()
                 ),
             );
-            return Ok(Resolution::Unchanged(Built {
+            return Ok(Resolution::Unchanged(Box::new(Built {
                 recipe: hashed.name.clone(),
                 ami_id: img.id.clone(),
                 name: img.name.clone(),
@@ -94,7 +94,7 @@ pub async fn resolve(b: &mut Bake) -> Result<Resolution, Error> {
                 skipped_unchanged: true,
                 build_id: b.build_id.clone(),
                 distributed: Default::default(),
-            }));
+            })));
         }
     }
 

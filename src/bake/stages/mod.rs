@@ -257,7 +257,7 @@ async fn until_tagged(b: &mut Bake) -> Result<Made, Error> {
             b.enter(Stage::Tag);
             copy::complete(&b.ctx(), &pending.copies).await?;
             built.distributed = finish(b, pending);
-            return Ok(Made::Unchanged(built));
+            return Ok(Made::Unchanged(*built));
         }
         base::Resolution::Build(r) => r,
     };
