@@ -4,6 +4,11 @@
 //! The decision ([`decide`]) is pure: the images jbake made (complete, available, named like
 //! its builds), what uses each ([`crate::aws::usage`]), and how many to keep per recipe. Its
 //! reasons are printed for every image, kept or not, so `--dry-run` says why each one stays.
+//!
+//! Per region: the copies of an image in other regions (`--copy-to`, `jbake copy`) are images
+//! of their region like any other, named and tagged like it; `jbake prune --regions` plans and
+//! prunes each region on its own (the newest N of a recipe *there*, never one used *there*),
+//! each image with its snapshots (those of its block device mappings: a copy's are its own).
 
 use std::collections::BTreeMap;
 

@@ -575,6 +575,54 @@ mod tests {
     use super::*;
 
     #[test]
+    fn copies_and_parameters_say_where_they_are() {
+        let l = Ledger::new("b1");
+        l.record(Resource::KeyPair {
+            name: "jbake-b1".into(),
+        });
+        let c = l.record(Resource::Copy {
+            region: "us-west-2".into(),
+            name: "r-1".into(),
+            id: None,
+        });
+        assert_eq!(
+            l.get(c).map(|r| r.to_string()).as_deref(),
+            Some("copy r-1 in us-west-2")
+        );
+        l.update(c, |r| {
+            *r = Resource::Copy {
+                region: "us-west-2".into(),
+                name: "r-1".into(),
+                id: Some("ami-2".into()),
+            }
+        });
+        l.record(Resource::Parameter {
+            region: "eu-west-1".into(),
+            name: "/jbake/r/latest".into(),
+            previous: None,
+            value: "ami-3".into(),
+        });
+        l.record(Resource::Copy {
+            region: "us-west-2".into(),
+            name: "r-1".into(),
+            id: None,
+        });
+        assert_eq!(l.regions(), ["us-west-2", "eu-west-1"]);
+        assert_eq!(
+            l.remaining()
+                .iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>(),
+            [
+                "copy r-1 in us-west-2",
+                "SSM parameter /jbake/r/latest in eu-west-1 (ami-3)",
+                "copy ami-2 (r-1) in us-west-2",
+                "key pair jbake-b1"
+            ]
+        );
+    }
+
+    #[test]
     fn undone_newest_first_and_the_kept_image_stays() {
         let l = Ledger::new("b1");
         let k = l.record(Resource::KeyPair {
