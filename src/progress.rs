@@ -278,7 +278,7 @@ impl Progress {
             self.event(json!({"event": "build_finished", "result": built}));
             return;
         }
-        let text = if built.skipped_unchanged {
+        let mut text = if built.skipped_unchanged {
             format!(
                 "unchanged {} {} (content hash {})",
                 built.ami_id, built.name, built.content_hash
@@ -289,6 +289,17 @@ impl Progress {
                 built.ami_id, built.name, built.content_hash
             )
         };
+        // Its copies (--copy-to), when it has some.
+        let copies: Vec<String> = built
+            .distributed
+            .regions
+            .iter()
+            .filter(|(_, id)| **id != built.ami_id)
+            .map(|(region, id)| format!("{id} ({region})"))
+            .collect();
+        if !copies.is_empty() {
+            text.push_str(&format!("; copies {}", copies.join(", ")));
+        }
         out_line(&mask(&text, &self.secrets));
     }
 

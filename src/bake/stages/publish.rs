@@ -47,15 +47,16 @@ pub async fn publish(
         }
         .into()
     };
-    match distribute::may_publish(
-        boot_test,
-        source.image.tag(tags::TESTED),
-        ctx.dist.allow_untested,
-    ) {
-        Ok(None) => {}
-        Ok(Some(warning)) => ctx.progress.warn(&warning),
-        Err(why) => return Err(refused(&source.region, &source.image.id, why)),
-    }
+    // Asked only where something is to be written: a parameter that names the image already
+    // (the nightly, unchanged) is neither refused nor warned about again.
+    let gate = Gate {
+        verdict: distribute::may_publish(
+            boot_test,
+            source.image.tag(tags::TESTED),
+            ctx.dist.allow_untested,
+        ),
+        warned: std::sync::atomic::AtomicBool::new(false),
+    };
     let version = source.image.tag(tags::VERSION).unwrap_or_default();
     ctx.progress.info(
         "stage",
@@ -80,13 +81,34 @@ pub async fn publish(
     }
     for (region, image, there) in &targets {
         let aws = there.as_ref().unwrap_or(ctx.aws);
-        let one = publish_one(ctx, aws, &name, image, recipe, version).await?;
+        let one = publish_one(ctx, aws, &name, image, recipe, version, &gate).await?;
         match one {
             Ok(p) => out.push(p),
             Err(why) => return Err(refused(region, image, why)),
         }
     }
     Ok(out)
+}
+
+/// Whether the image may be published (its boot test), said once.
+struct Gate {
+    verdict: Result<Option<String>, String>,
+    warned: std::sync::atomic::AtomicBool,
+}
+
+impl Gate {
+    fn check(&self, ctx: &Ctx<'_>) -> Result<(), String> {
+        match &self.verdict {
+            Ok(None) => Ok(()),
+            Ok(Some(warning)) => {
+                if !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    ctx.progress.warn(warning);
+                }
+                Ok(())
+            }
+            Err(why) => Err(why.clone()),
+        }
+    }
 }
 
 /// One region: read, decide, write, check nobody wrote in between, read back. `Ok(Err(why))`:
@@ -98,6 +120,7 @@ async fn publish_one(
     image: &str,
     recipe: &str,
     version: &str,
+    gate: &Gate,
 ) -> Result<Result<Publishing, String>, Error> {
     let region = aws.region.as_str();
     let current = aws.params.get(name).await?;
@@ -126,6 +149,9 @@ async fn publish_one(
             }
             Publish::Refuse(why) => return Ok(Err(why)),
             Publish::Write { previous, note } => {
+                if let Err(why) = gate.check(ctx) {
+                    return Ok(Err(why));
+                }
                 if let Some(note) = note {
                     ctx.progress
                         .info("publish", &format!("{name} in {region}: {note}"));
