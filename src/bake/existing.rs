@@ -198,7 +198,7 @@ async fn run(
         share::share(&ctx, &source, &copies, &keys).await?;
         // An image that exists is published only if its tag says its boot test passed.
         let published = publish::publish(&ctx, &source, &copies, BootTest::Pending).await?;
-        copy::complete(&ctx, &copies).await?;
+        copy::complete(&ctx, &copies, &Vec::new()).await?;
         copy::keep(&ctx, &copies);
         publish::keep(&ctx, &published);
         let mut regions = std::collections::BTreeMap::new();

@@ -15,7 +15,7 @@ use std::time::{Instant, SystemTime};
 
 use futures_util::future::try_join_all;
 
-use crate::aws::ec2::{self, CopyImage};
+use crate::aws::ec2::{self, CopyImage, Tags};
 use crate::aws::wait::{self, not_yet_visible};
 use crate::aws::{self, Aws};
 
@@ -265,9 +265,11 @@ async fn copy_one(
 }
 
 /// Marks the new copies complete (`jbake:complete=true`), each in its region: part of the tag
-/// stage, before the image itself.
-pub async fn complete(ctx: &Ctx<'_>, copies: &[Copied]) -> Result<(), Error> {
-    let complete = vec![(tags::COMPLETE.to_string(), "true".to_string())];
+/// stage, before the image itself. `also`: what else the tag stage writes on the image (the
+/// boot test's verdict, when it is written there), written on the copies with it.
+pub async fn complete(ctx: &Ctx<'_>, copies: &[Copied], also: &Tags) -> Result<(), Error> {
+    let mut complete = vec![(tags::COMPLETE.to_string(), "true".to_string())];
+    complete.extend(also.iter().cloned());
     for c in copies.iter().filter(|c| c.entry.is_some()) {
         let aws = ctx.aws.in_region(&c.region).await;
         let (client, id, tag) = (&aws, std::slice::from_ref(&c.id), &complete);

@@ -255,7 +255,7 @@ async fn until_tagged(b: &mut Bake) -> Result<Made, Error> {
             // --copy-to since, the parameter).
             let pending = distribute_image(b, &built.ami_id).await?;
             b.enter(Stage::Tag);
-            copy::complete(&b.ctx(), &pending.copies).await?;
+            copy::complete(&b.ctx(), &pending.copies, &Vec::new()).await?;
             built.distributed = finish(b, pending);
             return Ok(Made::Unchanged(*built));
         }
@@ -309,7 +309,7 @@ async fn until_tagged(b: &mut Bake) -> Result<Made, Error> {
     let pending = distribute_image(b, &imaged.id).await?;
     b.enter(Stage::Tag);
     // The copies first, then the image: a copy never outlives a build that failed.
-    copy::complete(&b.ctx(), &pending.copies).await?;
+    copy::complete(&b.ctx(), &pending.copies, &Vec::new()).await?;
     let mut built = image::tag(b, &resolved, &imaged).await?;
     built.distributed = finish(b, pending);
     Ok(Made::Image(built))
