@@ -19,6 +19,9 @@ pub struct Build {
     pub finished_at: String,
     /// True when an image with the same content hash existed and nothing was built.
     pub skipped_unchanged: bool,
+    /// The boot test's verdict on the image (`jbake:tested`); absent: not tested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tested: Option<bool>,
 }
 
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -135,6 +138,7 @@ mod tests {
             started_at: "t0".into(),
             finished_at: "t1".into(),
             skipped_unchanged: false,
+            tested: Some(true),
         }
     }
 

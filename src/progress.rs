@@ -91,6 +91,7 @@ fn label(step: &Step, total: usize) -> String {
     let phase = match step.phase {
         Phase::Steps => "",
         Phase::Validate => "validate ",
+        Phase::Test => "test ",
     };
     format!("[{phase}{}/{total}] {}", step.number, step.name)
 }
@@ -302,6 +303,19 @@ impl Progress {
         }
     }
 
+    /// The boot test's checks: a table (as [`summary`](Self::summary)), or with `--output json`
+    /// one `test_finished` event.
+    pub fn test_summary(&self, image: &str, rows: &[StepRow], elapsed: Duration, passed: bool) {
+        if self.mode == Mode::Json {
+            self.event(
+                json!({"event": "test_finished", "image": image, "passed": passed,
+                "elapsed_ms": elapsed.as_millis(), "checks": rows}),
+            );
+            return;
+        }
+        self.summary(rows, elapsed, passed);
+    }
+
     pub fn is_json(&self) -> bool {
         self.mode == Mode::Json
     }
@@ -323,7 +337,11 @@ impl Progress {
             .min(48);
         let mut table = String::new();
         for r in rows {
-            let phase = if r.phase == Phase::Validate { "v" } else { " " };
+            let phase = match r.phase {
+                Phase::Steps => " ",
+                Phase::Validate => "v",
+                Phase::Test => "t",
+            };
             let tries = if r.attempts > 1 {
                 format!("  ({} attempts)", r.attempts)
             } else {

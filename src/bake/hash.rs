@@ -115,7 +115,10 @@ impl Inputs {
         let secrets = plan.secrets();
         let m = |s: &str| mask(s, &secrets);
         let mut steps = Vec::new();
-        for step in plan.all_steps() {
+        // The boot test's checks too: new checks are a new image to test (the nightly bakes
+        // and tests it instead of calling the old one unchanged). A recipe without `test:`
+        // hashes as before.
+        for step in plan.all_steps().chain(plan.test.iter()) {
             steps.push(step_inputs(step, &m)?);
         }
         Ok(Inputs {
@@ -229,6 +232,7 @@ fn step_inputs(step: &Step, m: &impl Fn(&str) -> String) -> Result<StepInputs, H
         phase: match step.phase {
             Phase::Steps => "steps",
             Phase::Validate => "validate",
+            Phase::Test => "test",
         },
         action,
         user: step.user.clone(),

@@ -24,6 +24,7 @@
 //! moves it to the next free number). Both finish; if their inputs were the same, both images
 //! carry the same content hash and the next run's skip-unchanged finds either.
 
+pub mod boot_checks;
 pub mod cleanup;
 pub mod cloud_init;
 mod error;
@@ -32,6 +33,7 @@ pub mod hash;
 pub mod interrupt;
 pub mod ledger;
 pub mod public_ip;
+pub mod retest;
 pub mod stages;
 pub mod tags;
 pub mod version;
@@ -93,6 +95,9 @@ pub struct BakeOptions {
     pub ttl: Duration,
     pub connect_timeout: Duration,
     pub image_timeout: Duration,
+    /// No boot test: the image gets no `jbake:tested` tag (`jbake roll` wants
+    /// `--allow-untested` for it).
+    pub skip_test: bool,
     pub output: Output,
     pub quiet: bool,
 }
@@ -108,6 +113,8 @@ pub struct Built {
     pub base_ami: String,
     pub skipped_unchanged: bool,
     pub build_id: String,
+    /// The boot test's verdict on the image (`jbake:tested`); `None`: not tested.
+    pub tested: Option<bool>,
 }
 
 /// How a bake ended.
@@ -238,7 +245,7 @@ pub async fn bake(opts: BakeOptions, aws: Aws, interrupt: Interrupt) -> Report {
     }
 }
 
-fn panic_message(e: tokio::task::JoinError) -> String {
+pub(crate) fn panic_message(e: tokio::task::JoinError) -> String {
     if !e.is_panic() {
         return e.to_string();
     }

@@ -94,6 +94,10 @@ pub struct BuildFlags {
     /// How long to wait for the image to become available.
     #[arg(long, value_name = "DURATION", default_value = "60m", value_parser = recipe::parse_duration)]
     pub image_timeout: Duration,
+    /// Do not boot-test the image (an instance of it, checked over SSH): it gets no
+    /// jbake:tested tag, and `jbake roll` wants --allow-untested for it.
+    #[arg(long)]
+    pub skip_test: bool,
     #[command(flatten)]
     pub bastion: BastionArgs,
 }
@@ -160,7 +164,7 @@ fn parse_build_id(s: &str) -> Result<String, String> {
     }
 }
 
-fn parse_ttl(s: &str) -> Result<Duration, String> {
+pub(super) fn parse_ttl(s: &str) -> Result<Duration, String> {
     let d = recipe::parse_duration(s)?;
     if d < Duration::from_secs(60) || d > bake::MAX_TTL {
         return Err(format!(
@@ -178,7 +182,7 @@ fn parse_efs_id(s: &str) -> Result<String, String> {
     }
 }
 
-fn parse_ami(s: &str) -> Result<String, String> {
+pub(super) fn parse_ami(s: &str) -> Result<String, String> {
     if matches("^ami-[0-9a-f]{8}([0-9a-f]{9})?$", s) {
         Ok(s.to_string())
     } else {
@@ -188,7 +192,7 @@ fn parse_ami(s: &str) -> Result<String, String> {
     }
 }
 
-fn parse_subnet(s: &str) -> Result<String, String> {
+pub(super) fn parse_subnet(s: &str) -> Result<String, String> {
     if matches("^subnet-[0-9a-f]{8}([0-9a-f]{9})?$", s) {
         Ok(s.to_string())
     } else {
@@ -198,7 +202,7 @@ fn parse_subnet(s: &str) -> Result<String, String> {
     }
 }
 
-fn parse_instance_type(s: &str) -> Result<String, String> {
+pub(super) fn parse_instance_type(s: &str) -> Result<String, String> {
     if matches(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$", s) {
         Ok(s.to_string())
     } else {
@@ -206,7 +210,7 @@ fn parse_instance_type(s: &str) -> Result<String, String> {
     }
 }
 
-fn parse_cidr(s: &str) -> Result<String, String> {
+pub(super) fn parse_cidr(s: &str) -> Result<String, String> {
     let ok = s.split_once('/').is_some_and(|(ip, len)| {
         ip.parse::<std::net::Ipv4Addr>().is_ok() && len.parse::<u8>().is_ok_and(|l| l <= 32)
     });
@@ -235,6 +239,7 @@ fn options(
     Ok(BakeOptions {
         recipe,
         load: LoadOptions {
+            image_vars: Vec::new(),
             var_files: flags.var_files.clone(),
             vars,
             builtins: Default::default(),
@@ -259,6 +264,7 @@ fn options(
         ttl: flags.ttl,
         connect_timeout: flags.connect_timeout,
         image_timeout: flags.image_timeout,
+        skip_test: flags.skip_test,
         output,
         quiet,
     })

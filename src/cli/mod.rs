@@ -6,6 +6,7 @@ mod keys;
 mod meta;
 mod prune;
 mod roll;
+mod test;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -54,6 +55,8 @@ pub enum Command {
     Agent(build::AgentArgs),
     /// Remove what finished or killed builds left behind (found by their jbake tags).
     Gc(build::GcArgs),
+    /// Boot-test an existing image again: an instance of it, checked over SSH; tags the verdict.
+    Test(test::TestArgs),
     /// Upgrade the Jenkins controller to a new image: drain, replace, verify, roll back on failure.
     Roll(roll::RollArgs),
     /// Show the controller's group, instances, launch template versions and target health.
@@ -248,6 +251,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Controller(args) => build::controller_cmd(args, cli.output, cli.quiet).await,
         Command::Agent(args) => build::agent_cmd(args, cli.output, cli.quiet).await,
         Command::Gc(args) => build::gc_cmd(args, cli.output, cli.quiet).await,
+        Command::Test(args) => test::test_cmd(args, cli.output, cli.quiet).await,
         Command::Roll(args) => roll::roll_cmd(args, cli.output, cli.quiet).await,
         Command::Status(args) => roll::status_cmd(args, cli.output, cli.quiet).await,
         Command::Keys(args) => keys::keys_cmd(args, cli.output, cli.quiet).await,
@@ -260,6 +264,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
 
 fn load(args: &RecipeArgs, builtins: Builtins) -> Result<Plan, Failure> {
     let opts = LoadOptions {
+        image_vars: Vec::new(),
         var_files: args.var_files.clone(),
         vars: args.vars.clone(),
         builtins,

@@ -21,7 +21,8 @@ pub struct RollArgs {
     /// The controller's Auto Scaling group [default: the one tagged jbake:role=controller].
     #[arg(long, value_name = "NAME")]
     pub asg: Option<String>,
-    /// Roll out this AMI [default: the newest available image jbake built from --recipe].
+    /// Roll out this AMI [default: the newest image jbake built from --recipe that passed its
+    /// boot test].
     #[arg(long, value_name = "AMI", value_parser = parse_ami)]
     pub ami: Option<String>,
     /// The recipe whose images are controller images (the jbake:recipe tag).
@@ -36,6 +37,10 @@ pub struct RollArgs {
     /// or one whose EFS cannot be proven: a deliberate move of JENKINS_HOME.
     #[arg(long)]
     pub allow_efs_change: bool,
+    /// Roll out an image that has no boot test result (baked with --skip-test, or before boot
+    /// tests). An image that failed its boot test is never rolled out.
+    #[arg(long)]
+    pub allow_untested: bool,
     /// Take over the group's roll lock left by a roll that was killed (says whose it was).
     #[arg(long)]
     pub take_over_lock: bool,
@@ -143,6 +148,7 @@ pub async fn roll_cmd(args: RollArgs, output: Output, quiet: bool) -> Result<(),
         health_timeout: args.health_timeout,
         allow_efs_change: args.allow_efs_change,
         allow_insecure_http: args.allow_insecure_http,
+        allow_untested: args.allow_untested,
     };
     // Credentials for a plain-HTTP URL given on the command line: refused before any AWS call.
     if let (Some(url), Some(_)) = (&opts.jenkins_url, &opts.jenkins_credentials) {

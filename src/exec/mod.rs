@@ -68,6 +68,7 @@ fn step_label(step: &Step) -> String {
     match step.phase {
         Phase::Steps => format!("step {} '{}'", step.number, step.name),
         Phase::Validate => format!("validate step {} '{}'", step.number, step.name),
+        Phase::Test => format!("test check {} '{}'", step.number, step.name),
     }
 }
 
@@ -281,6 +282,64 @@ impl<'p> Executor<'p> {
         })
     }
 
+    /// Runs every check (the boot test): unlike [`run_plan`](Self::run_plan), a failing check
+    /// does not stop the others. `Ok`: each check's row, and the failures (each names its check
+    /// and what it printed last). `Err`: the machine could not be asked (a lost connection):
+    /// no verdict.
+    pub async fn run_checks(&mut self, checks: &[Step]) -> Result<(Report, Vec<Error>), Error> {
+        let start = Instant::now();
+        let total = checks.len();
+        let mut rows = Vec::with_capacity(total);
+        let mut failed = Vec::new();
+        for step in checks {
+            self.progress.step_started(step, total);
+            let t = Instant::now();
+            let (result, attempts) = self.run_step(step).await;
+            let status = match &result {
+                Ok(s) => s.clone(),
+                Err(e) => StepStatus::Failed(short(e)),
+            };
+            self.progress
+                .step_finished(step, total, &status, t.elapsed());
+            rows.push(StepRow {
+                phase: step.phase,
+                number: step.number,
+                name: step.name.clone(),
+                status,
+                elapsed_ms: t.elapsed().as_millis(),
+                attempts,
+            });
+            match result {
+                Ok(_) => {}
+                Err(e @ Error::StepFailed { .. }) => failed.push(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((
+            Report {
+                rows,
+                elapsed: start.elapsed(),
+            },
+            failed,
+        ))
+    }
+
+    /// Runs a `run` step quietly (its output is not shown) and returns its exit status and
+    /// standard output: what jbake reads from the machine itself.
+    pub async fn query(&mut self, step: &Step) -> Result<(i32, Vec<u8>), Error> {
+        let script = match &step.action {
+            Action::Run { script } => compose(step, script),
+            other => {
+                return Err(self.lost(
+                    step,
+                    &format!("a query is a run step, not {}", other.kind()),
+                ))
+            }
+        };
+        let r = self.request(step, &script, step.timeout, true).await?;
+        Ok((r.code, r.stdout))
+    }
+
     /// Ends the root shell and the connection.
     pub async fn close(mut self) {
         if let Some(shell) = self.shell.take() {
@@ -346,7 +405,7 @@ impl<'p> Executor<'p> {
             Action::Run { script } => {
                 let script = compose(step, script);
                 let r = self.request(step, &script, step.timeout, false).await?;
-                if r.code == 0 && step.phase == Phase::Validate {
+                if r.code == 0 && step.phase != Phase::Steps {
                     Ok(StepStatus::Ok) // a check that passed changed nothing
                 } else if r.code == 0 {
                     Ok(StepStatus::Changed)

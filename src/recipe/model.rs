@@ -30,6 +30,7 @@ const TOP_KEYS: &[&str] = &[
     "include",
     "steps",
     "validate",
+    "test",
 ];
 /// Tag keys jbake writes itself: a recipe's `tags:` cannot set them.
 pub(crate) const RESERVED_TAGS: &[&str] = &[
@@ -43,12 +44,17 @@ pub(crate) const RESERVED_TAGS: &[&str] = &[
     "jbake:base-ami",
     "jbake:jbake-version",
     "jbake:complete",
+    "jbake:tested",
+    "jbake:tested-at",
+    "jbake:build-host-key",
+    "jbake:build-key",
+    "jbake:build-machine-id",
 ];
 static TAG_KEY: LazyLock<Regex> = LazyLock::new(|| {
     // What EC2 accepts in a tag key (letters, digits, spaces and + - = . _ : / @), 1-128.
     Regex::new(r"^[\p{L}\p{N} +\-=._:/@]{1,128}$").expect("static regex")
 });
-const INCLUDED_KEYS: &[&str] = &["include", "steps", "validate"];
+const INCLUDED_KEYS: &[&str] = &["include", "steps", "validate", "test"];
 const STEP_KEYS: &[&str] = &[
     "name", "run", "line", "upload", "file", "reboot", "retries", "delay", "timeout", "when",
     "env", "user", "creates",
@@ -122,7 +128,7 @@ pub(crate) enum RawAction {
 
 #[derive(Debug)]
 pub(crate) struct RawStep {
-    /// `steps[3]` or `validate[0]`: position in the file where it is written.
+    /// `steps[3]`, `validate[0]` or `test[1]`: position in the file where it is written.
     pub field: String,
     pub phase: Phase,
     pub origin: Origin,
@@ -143,6 +149,8 @@ pub(crate) struct StepFile {
     pub includes: Vec<Spanned>,
     pub steps: Vec<RawStep>,
     pub validate: Vec<RawStep>,
+    /// `test:`: checks run on an instance booted from the image (the boot test).
+    pub test: Vec<RawStep>,
 }
 
 #[derive(Debug)]
@@ -272,7 +280,8 @@ fn decode_tags(node: &Node) -> Result<Vec<(String, Spanned)>, Error> {
     Ok(out)
 }
 
-/// Decode an included file: a mapping with `steps:`, optional `validate:` and `include:`.
+/// Decode an included file: a mapping with `steps:`, optional `validate:`, `test:` and
+/// `include:`.
 pub(crate) fn decode_included(root: &Node) -> Result<StepFile, Error> {
     if root.value == Value::Null {
         return Err(root.err("", "the included file is empty; it needs `steps:`"));
@@ -295,6 +304,9 @@ fn decode_step_file_body(m: &Map<'_>) -> Result<StepFile, Error> {
     }
     if let Some(n) = m.get("validate") {
         out.validate = decode_steps(n, Phase::Validate)?;
+    }
+    if let Some(n) = m.get("test") {
+        out.test = decode_steps(n, Phase::Test)?;
     }
     Ok(out)
 }
@@ -470,6 +482,7 @@ fn decode_steps(node: &Node, phase: Phase) -> Result<Vec<RawStep>, Error> {
     let list = match phase {
         Phase::Steps => "steps",
         Phase::Validate => "validate",
+        Phase::Test => "test",
     };
     let items = node.seq(list)?;
     items

@@ -51,6 +51,8 @@ pub struct Instance {
 pub enum VarSource {
     /// The recipe's `default:`.
     Default,
+    /// An image's tag (`jbake test` of an existing image).
+    Image,
     /// A `--var-file`.
     File(PathBuf),
     /// A `--var k=v` on the command line.
@@ -90,6 +92,8 @@ impl ResolvedVar {
 pub enum Phase {
     Steps,
     Validate,
+    /// The boot test: checks on an instance booted from the image.
+    Test,
 }
 
 /// Ownership and permissions of a file written by `upload` or `file`.
@@ -180,6 +184,9 @@ pub struct Plan {
     pub tags: Vec<(String, String)>,
     pub steps: Vec<Step>,
     pub validate: Vec<Step>,
+    /// `test:`: run by the boot test on a fresh instance of the image, never on the build
+    /// machine.
+    pub test: Vec<Step>,
 }
 
 impl Plan {
@@ -196,7 +203,7 @@ impl Plan {
         crate::util::secret_forms(&values)
     }
 
-    /// Steps then validate, in the order they run.
+    /// Steps then validate, in the order they run on the build machine (not `test`).
     pub fn all_steps(&self) -> impl Iterator<Item = &Step> {
         self.steps.iter().chain(self.validate.iter())
     }

@@ -70,10 +70,12 @@ pub async fn resolve(b: &mut Bake) -> Result<Resolution, Error> {
             .ec2
             .own_images_tagged(tags::CONTENT_HASH, &content_hash)
             .await?;
+        // An image that failed its boot test is no result: the build makes a new one.
         if let Some(img) = same.iter().find(|i| {
             ec2::image_available(&i.state)
                 && i.tag(tags::RECIPE) == Some(hashed.name.as_str())
                 && i.tag(tags::COMPLETE) != Some("false")
+                && i.tag(tags::TESTED) != Some("false")
         }) {
             b.progress.info(
                 "unchanged",
@@ -84,6 +86,13 @@ pub async fn resolve(b: &mut Bake) -> Result<Resolution, Error> {
                     content_hash.get(..12).unwrap_or_default()
                 ),
             );
+            let tested = img.tag(tags::TESTED).map(|t| t == "true");
+            if tested.is_none() {
+                b.progress.warn(&format!(
+                    "{} has no boot test result (baked with --skip-test, or before boot tests): `jbake test {} --region {}` tests it; `jbake roll` wants --allow-untested for it",
+                    img.id, img.id, b.aws.region
+                ));
+            }
             return Ok(Resolution::Unchanged(Built {
                 recipe: hashed.name.clone(),
                 ami_id: img.id.clone(),
@@ -93,6 +102,7 @@ pub async fn resolve(b: &mut Bake) -> Result<Resolution, Error> {
                 base_ami: base.id.clone(),
                 skipped_unchanged: true,
                 build_id: b.build_id.clone(),
+                tested,
             }));
         }
     }

@@ -25,7 +25,13 @@ pub struct Imaged {
     pub entry: Entry,
 }
 
-pub async fn image(b: &mut Bake, r: &Resolved, launched: &Launched) -> Result<Imaged, Error> {
+/// `identity`: tags on the image only (the build's one-time identities, for the boot test).
+pub async fn image(
+    b: &mut Bake,
+    r: &Resolved,
+    launched: &Launched,
+    identity: &Tags,
+) -> Result<Imaged, Error> {
     // While EC2 makes the image (minutes, up to --image-timeout), gc must not take the build
     // for over: the image says until when it is being made. gc goes by the latest expires-at
     // of a build's resources.
@@ -49,7 +55,8 @@ pub async fn image(b: &mut Bake, r: &Resolved, launched: &Launched) -> Result<Im
         }
         let version = version::version(&r.day, number);
         let name = version::image_name(&r.plan.name, &version);
-        let (image_tags, snapshot_tags) = image_tags(r, &name, &version, &expires);
+        let (mut image_tags, snapshot_tags) = image_tags(r, &name, &version, &expires);
+        image_tags.extend(identity.iter().cloned());
         let description = format!(
             "{} {version} by jbake {} from {} ({})",
             r.plan.name,
@@ -240,7 +247,13 @@ async fn own_image_named(
 
 /// Marks the image complete: from here it is the build's result. The only tag jbake writes after
 /// creation (the build policy allows no other: everything else is tagged at creation).
-pub async fn tag(b: &mut Bake, r: &Resolved, imaged: &Imaged) -> Result<Built, Error> {
+/// `tested`: the boot test's verdict (`None`: not tested, `--skip-test`).
+pub async fn tag(
+    b: &mut Bake,
+    r: &Resolved,
+    imaged: &Imaged,
+    tested: Option<bool>,
+) -> Result<Built, Error> {
     b.aws
         .ec2
         .create_tags(
@@ -258,5 +271,6 @@ pub async fn tag(b: &mut Bake, r: &Resolved, imaged: &Imaged) -> Result<Built, E
         base_ami: r.base.id.clone(),
         skipped_unchanged: false,
         build_id: b.build_id.clone(),
+        tested,
     })
 }

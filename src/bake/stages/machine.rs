@@ -61,15 +61,22 @@ pub async fn launch(
         // The same token on every try: EC2 launches once, however often the call is repeated.
         client_token: format!("jbake-{}", b.build_id),
     };
+    run_instance(b, &launch).await
+}
+
+/// Launches `launch` (recorded in the ledger first, adopted by its client token after a lost
+/// answer) and waits until it runs.
+pub async fn run_instance(b: &mut Bake, launch: &Launch) -> Result<Launched, Error> {
+    let group = &launch.security_group_id;
     // Recorded first: if the answer is lost, the undo finds the instance by the build's tag.
     let entry = b.ledger.record(Resource::Instance { id: None });
     let created = Instant::now();
     let aws = &b.aws;
     let launched = settle(
         &b.progress,
-        &format!("security group {} to be usable", group.id),
+        &format!("security group {group} to be usable"),
         || async {
-            match aws.ec2.run_instance(&launch).await {
+            match aws.ec2.run_instance(launch).await {
                 Ok(id) => Ok(wait::Poll::Ready(Ok(id))),
                 // The group was just made: EC2 may not know it everywhere yet.
                 Err(e) if e.is_code("InvalidGroup.NotFound") && not_yet_visible(created) => {
@@ -134,8 +141,26 @@ pub fn target(
     keys: &Keys,
     launched: &Launched,
 ) -> Result<ConnectOptions, Error> {
-    let host = match (&b.opts.ssh_host, b.opts.ssh_interface) {
-        (Some(h), _) => h.clone(),
+    connect_options(
+        b,
+        &r.plan.base.ssh_user,
+        keys,
+        launched,
+        b.opts.ssh_host.as_deref(),
+    )
+}
+
+/// How to reach `launched` as `user` with `keys`: at `host` when given, else at the instance's
+/// IP (`--ssh-interface`), through `--bastion` if there is one.
+pub fn connect_options(
+    b: &Bake,
+    user: &str,
+    keys: &Keys,
+    launched: &Launched,
+    host: Option<&str>,
+) -> Result<ConnectOptions, Error> {
+    let host = match (host, b.opts.ssh_interface) {
+        (Some(h), _) => h.to_string(),
         (None, SshInterface::Public) => {
             launched
                 .info
@@ -161,7 +186,7 @@ pub fn target(
     };
     Ok(ConnectOptions {
         target: Target {
-            user: r.plan.base.ssh_user.clone(),
+            user: user.to_string(),
             host,
             port: b.opts.ssh_port,
         },
@@ -198,8 +223,18 @@ pub async fn hygiene(
     ex.run_plan(&hygiene).await.map(|r| r.rows)
 }
 
+/// The build machine's machine id, read before the hygiene empties it (so that the boot test
+/// can tell an instance of the image that kept it); `None` when it is not a machine id.
+pub async fn machine_id(ex: &mut Executor<'_>) -> Result<Option<String>, exec::Error> {
+    let step = internal_step("Read the machine id", "cat /etc/machine-id".to_string());
+    let (code, out) = ex.query(&step).await?;
+    let id = String::from_utf8_lossy(&out).trim().to_string();
+    let valid = id.len() == 32 && id.bytes().all(|c| c.is_ascii_hexdigit());
+    Ok((code == 0 && valid).then_some(id))
+}
+
 /// A step jbake adds itself (image hygiene), shown like the recipe's own.
-fn internal_step(name: &str, script: String) -> Step {
+pub(crate) fn internal_step(name: &str, script: String) -> Step {
     Step {
         number: 1,
         phase: Phase::Steps,

@@ -5,7 +5,7 @@
 //!
 //! Adding a stage: a variant of [`Stage`] (in [`Stage::ALL`] at its place), a function in the
 //! file of its concern, one line in [`until_tagged`]. A stage that checks or copies the image
-//! (a boot test, CopyImage to other regions) goes between [`Stage::Image`] and [`Stage::Tag`]:
+//! (the boot test, CopyImage to other regions) goes between [`Stage::Image`] and [`Stage::Tag`]:
 //! the image is still `jbake:complete=false` there and undone with the rest if the stage fails;
 //! what it makes goes into the ledger like everything else.
 //!
@@ -15,6 +15,7 @@
 
 pub mod access;
 pub mod base;
+pub mod boot_test;
 pub mod image;
 pub mod machine;
 pub mod record;
@@ -28,6 +29,7 @@ use crate::aws::{self, wait, Aws};
 use crate::progress::Progress;
 use crate::util::fmt_duration;
 
+use super::boot_checks::{fingerprint, machine_id_hash, BuildIdentity};
 use super::interrupt::Interrupt;
 use super::ledger::Ledger;
 use super::{BakeOptions, Built, Error};
@@ -56,6 +58,9 @@ pub enum Stage {
     /// CreateImage (image and snapshots tagged at creation, its number confirmed), until it is
     /// available; then IMDSv2 only.
     Image,
+    /// The boot test: an instance of the image, checked over SSH (jbake's checks and the
+    /// recipe's `test:`); `jbake:tested` on the image. Not with `--skip-test`.
+    Test,
     /// `jbake:complete=true`: the image is the build's result.
     Tag,
     /// The manifest record.
@@ -63,7 +68,7 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub const ALL: [Stage; 11] = [
+    pub const ALL: [Stage; 12] = [
         Stage::ResolveBase,
         Stage::KeyPair,
         Stage::SecurityGroup,
@@ -73,6 +78,7 @@ impl Stage {
         Stage::Hygiene,
         Stage::Stop,
         Stage::Image,
+        Stage::Test,
         Stage::Tag,
         Stage::Record,
     ];
@@ -88,6 +94,7 @@ impl Stage {
             Stage::Hygiene => "hygiene",
             Stage::Stop => "stop",
             Stage::Image => "image",
+            Stage::Test => "test",
             Stage::Tag => "tag",
             Stage::Record => "record",
         }
@@ -234,6 +241,21 @@ async fn until_tagged(b: &mut Bake) -> Result<Made, Error> {
             return Err(e.into());
         }
     };
+    // What the boot test compares instances of the image with: the build's one-time keys and
+    // its machine id (read now: the hygiene empties it).
+    let machine_id = match machine::machine_id(&mut ex).await {
+        Ok(id) => id,
+        Err(e) => {
+            ex.close().await;
+            return Err(e.into());
+        }
+    };
+    let identity = BuildIdentity {
+        build_id: b.build_id.clone(),
+        host_key: Some(fingerprint(keys.host.public_key())),
+        login_key: Some(fingerprint(keys.client.public_key())),
+        machine_id: machine_id.as_deref().map(machine_id_hash),
+    };
     b.entered.push(Stage::Hygiene);
     failpoint(Stage::Hygiene);
     let hygiene = machine::hygiene(&mut ex, &resolved.plan, &keys).await;
@@ -251,9 +273,26 @@ async fn until_tagged(b: &mut Bake) -> Result<Made, Error> {
     b.enter(Stage::Stop);
     machine::stop(b, &launched).await?;
     b.enter(Stage::Image);
-    let imaged = image::image(b, &resolved, &launched).await?;
+    let imaged = image::image(b, &resolved, &launched, &identity.tags()).await?;
+    let tested = if b.opts.skip_test {
+        None
+    } else {
+        b.enter(Stage::Test);
+        let network = (group.vpc.clone(), group.cidr.clone());
+        Some(
+            boot_test::in_bake(
+                b,
+                &resolved.plan,
+                &resolved.common,
+                &imaged,
+                &identity,
+                network,
+            )
+            .await?,
+        )
+    };
     b.enter(Stage::Tag);
-    let built = image::tag(b, &resolved, &imaged).await?;
+    let built = image::tag(b, &resolved, &imaged, tested).await?;
     Ok(Made::Image(built))
 }
 
@@ -350,6 +389,7 @@ mod tests {
                 "hygiene",
                 "stop",
                 "image",
+                "test",
                 "tag",
                 "record"
             ]

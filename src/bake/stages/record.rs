@@ -23,6 +23,7 @@ pub fn record(b: &Bake, built: &Built) -> Result<(), Error> {
             finished_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
                 .to_string(),
             skipped_unchanged: built.skipped_unchanged,
+            tested: built.tested,
         },
     )?;
     Ok(())
