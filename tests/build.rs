@@ -36,8 +36,26 @@ pub(crate) fn recipe(dir: &Path, user: &str, steps: &str) -> PathBuf {
     )
 }
 
-/// `jbake build RECIPE` against `endpoint`, SSH to `host:port`, JSON events.
+/// `jbake build RECIPE --skip-test` against `endpoint`, SSH to `host:port`, JSON events. These
+/// tests are about the bake itself; the boot test has its own (tests/boot_test.rs), which
+/// launch instances of the image: [`tested_build_cmd`].
 pub(crate) fn build_cmd(
+    moto: &Moto,
+    endpoint: &str,
+    recipe: &Path,
+    host: &str,
+    port: u16,
+    manifest: &Path,
+) -> Command {
+    let mut c = tested_build_cmd(moto, endpoint, recipe, host, port, manifest);
+    c.arg("--skip-test");
+    c
+}
+
+/// [`build_cmd`] with the boot test: its test instance boots a machine of its own from the
+/// image (the [`CloudInit`] must `report_to` the proxy of a world that shows instances pending
+/// until served: `BOOTS_LIKE_EC2`).
+pub(crate) fn tested_build_cmd(
     moto: &Moto,
     endpoint: &str,
     recipe: &Path,

@@ -5,6 +5,7 @@ mod support;
 
 mod apply;
 mod apply_instance;
+mod boot_test;
 mod build;
 mod handover;
 mod harness;

@@ -34,7 +34,7 @@ const TOKEN: &str = "11d0c0ffee5ecret7oken";
 const EFS: &str = "fs-0123456789abcdef0";
 
 /// Runs `tests/support/roll_fixture.py` against moto with `env`.
-fn fixture_py(env: &[(String, String)], command: &str, args: Value) -> Value {
+pub(crate) fn fixture_py(env: &[(String, String)], command: &str, args: Value) -> Value {
     let mut cmd = Command::new("python3");
     cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/roll_fixture.py"))
         .arg(command)
@@ -721,6 +721,8 @@ pub(crate) fn controller_tags<'a>(
         ("jbake:recipe", "jenkins-controller"),
         ("jbake:version", version),
         ("jbake:complete", "true"),
+        // It passed its boot test (`jbake roll` refuses an untested image by default).
+        ("jbake:tested", "true"),
         ("jbake:efs-id", EFS),
         ("jbake:efs-path", "/"),
         ("jbake:home-lease", "1"),
@@ -1360,6 +1362,70 @@ fn roll_refuses_what_cannot_be_made_safe_before_any_change() {
         "{}",
         two.stderr
     );
+}
+
+#[test]
+fn roll_takes_the_newest_tested_image_and_refuses_untested_and_failed_ones() {
+    let f = fixture("1");
+    // Newer than f.new_ami (2026.11.28-1): one never tested, one that failed its boot test.
+    let mut untested_tags = controller_tags("2026.11.29-1", &[]);
+    untested_tags.retain(|(k, _)| *k != "jbake:tested");
+    let untested = f
+        .moto
+        .create_image_fixture("jenkins-controller-2026.11.29-1", &untested_tags);
+    f.jenkins.image(&untested, ImageModel::new("2.479.3"));
+    let failed = f.moto.create_image_fixture(
+        "jenkins-controller-2026.11.30-1",
+        &controller_tags(
+            "2026.11.30-1",
+            &[
+                ("jbake:tested", "false"),
+                ("jbake:tested-at", "2026-11-30T03:04:05Z"),
+            ],
+        ),
+    );
+    f.jenkins.image(&failed, ImageModel::new("2.479.3"));
+    let chosen = |extra: &[&str]| {
+        let mut args = vec!["--dry-run", "--output", "json"];
+        args.extend_from_slice(extra);
+        let run = f.roll(&args);
+        run.assert_code(0);
+        let events = run.events();
+        let plan = events
+            .iter()
+            .find(|e| e["event"] == "plan")
+            .unwrap_or_else(|| panic!("no plan event: {}", run.stdout));
+        plan["result"]["new"]["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    f.moto.start_recording();
+    // By default the newest image that passed its boot test; with --allow-untested the newest
+    // that did not fail it; never the one that failed.
+    assert_eq!(chosen(&[]), f.new_ami);
+    assert_eq!(chosen(&["--allow-untested"]), untested);
+    assert_eq!(chosen(&["--ami", &untested, "--allow-untested"]), untested);
+    let refused_untested = f.roll(&["--yes", "--ami", &untested]);
+    let refused_failed = f.roll(&["--yes", "--ami", &failed]);
+    let refused_failed_anyway = f.roll(&["--yes", "--ami", &failed, "--allow-untested"]);
+    f.moto.stop_recording();
+    for (run, want) in [
+        (&refused_untested, "has no boot test result"),
+        (&refused_untested, "jbake test "),
+        (&refused_untested, "--allow-untested"),
+        (
+            &refused_failed,
+            "failed its boot test (jbake:tested=false at 2026-11-30T03:04:05Z)",
+        ),
+        (&refused_failed, "never rolled out"),
+        (&refused_failed_anyway, "failed its boot test"),
+    ] {
+        run.assert_code(2);
+        assert!(run.stderr.contains(want), "{want}: {}", run.stderr);
+    }
+    assert_eq!(writes(&f.moto.recorded_actions()), Vec::<String>::new());
+    assert_untouched(&f, "1");
 }
 
 /// Runs `jbake roll EXTRA` on a pseudo-terminal (util-linux `script`); when the confirmation

@@ -136,7 +136,7 @@ for f in /etc/ssh/ssh_host_*_key.pub; do
     echo "$f is the build instance's host key ($fp): the image carries it, and every instance launched from it would answer with it" >&2
     exit 1
   fi
-  if grep -qF " $build_name" "$f"; then
+  if awk -v n="$build_name" '$3 == n {{ f = 1 }} END {{ exit !f }}' "$f"; then
     echo "$f is the build's one-time host key ($build_name): the image carries it" >&2
     exit 1
   fi

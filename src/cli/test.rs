@@ -163,7 +163,7 @@ pub async fn test_cmd(args: TestArgs, output: Output, quiet: bool) -> Result<(),
         TestOutcome::Passed(t) => {
             let progress = Progress::new(output, quiet, Vec::new());
             progress.finished(
-                "tested",
+                "test_result",
                 &format!(
                     "passed {} {}: its boot test passed at {} (jbake:tested=true)",
                     t.ami_id, t.name, t.tested_at

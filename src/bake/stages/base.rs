@@ -70,13 +70,7 @@ pub async fn resolve(b: &mut Bake) -> Result<Resolution, Error> {
             .ec2
             .own_images_tagged(tags::CONTENT_HASH, &content_hash)
             .await?;
-        // An image that failed its boot test is no result: the build makes a new one.
-        if let Some(img) = same.iter().find(|i| {
-            ec2::image_available(&i.state)
-                && i.tag(tags::RECIPE) == Some(hashed.name.as_str())
-                && i.tag(tags::COMPLETE) != Some("false")
-                && i.tag(tags::TESTED) != Some("false")
-        }) {
+        if let Some(img) = same_image(&same, &hashed.name) {
             b.progress.info(
                 "unchanged",
                 &format!(
@@ -142,6 +136,18 @@ pub async fn resolve(b: &mut Bake) -> Result<Resolution, Error> {
         expires,
         common,
     })))
+}
+
+/// The image that makes a build of `recipe` unnecessary, among those with its content hash:
+/// available, complete, and not failed at its boot test (a failed image is no result: the build
+/// makes a new one). Pure.
+pub fn same_image<'a>(same_hash: &'a [ImageInfo], recipe: &str) -> Option<&'a ImageInfo> {
+    same_hash.iter().find(|i| {
+        ec2::image_available(&i.state)
+            && i.tag(tags::RECIPE) == Some(recipe)
+            && i.tag(tags::COMPLETE) != Some("false")
+            && i.tag(tags::TESTED) != Some("false")
+    })
 }
 
 /// Numbers of `day` taken by this account's images of `recipe` and reserved by other builds of
@@ -261,4 +267,50 @@ pub async fn resolve_base(aws: &Aws, spec: &BaseImage) -> Result<ImageInfo, Erro
         .into());
     }
     Ok(image)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(id: &str, tags: &[(&str, &str)]) -> ImageInfo {
+        ImageInfo {
+            id: id.into(),
+            name: format!("r-{id}"),
+            state: "available".into(),
+            creation_date: String::new(),
+            root_device: None,
+            snapshots: vec![],
+            tags: tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn an_image_that_failed_its_boot_test_is_never_the_unchanged_result() {
+        let failed = image(
+            "ami-f",
+            &[
+                (tags::RECIPE, "r"),
+                (tags::COMPLETE, "true"),
+                (tags::TESTED, "false"),
+            ],
+        );
+        let half = image("ami-h", &[(tags::RECIPE, "r"), (tags::COMPLETE, "false")]);
+        let other = image("ami-o", &[(tags::RECIPE, "o"), (tags::COMPLETE, "true")]);
+        let untested = image("ami-u", &[(tags::RECIPE, "r"), (tags::COMPLETE, "true")]);
+        let tested = image(
+            "ami-t",
+            &[
+                (tags::RECIPE, "r"),
+                (tags::COMPLETE, "true"),
+                (tags::TESTED, "true"),
+            ],
+        );
+        assert!(same_image(&[failed.clone(), half.clone(), other.clone()], "r").is_none());
+        let all = [failed, half, other, untested, tested];
+        assert_eq!(same_image(&all, "r").map(|i| i.id.as_str()), Some("ami-u"));
+    }
 }
