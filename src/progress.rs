@@ -372,6 +372,14 @@ impl Progress {
             count(|s| matches!(s, StepStatus::Skipped(_))),
             count(|s| matches!(s, StepStatus::Failed(_))),
         );
-        err_line(&format!("{}{head}", mask(&table, &self.secrets)));
+        let text = format!("{}{head}", mask(&table, &self.secrets));
+        match &self.label {
+            // Two bakes' tables may come out together: say whose each line is.
+            Some(l) => {
+                let lines: Vec<String> = text.lines().map(|line| format!("{l}: {line}")).collect();
+                err_line(&lines.join("\n"));
+            }
+            None => err_line(&text),
+        }
     }
 }

@@ -184,6 +184,10 @@ fn nightly_bakes_both_at_once_rolls_when_needed_and_is_silent_when_nothing_chang
     // Night 3: a controller variable changed: its image is baked again and rolled; the
     // agent's is unchanged. Quiet: the roll's result line and the summary, nothing else.
     let (third, _) = night(&["--quiet", "--controller-var", "marker=two"]);
+    eprintln!(
+        "night 3, as cron mails it:\n{}{}",
+        third.stdout, third.stderr
+    );
     third.assert_code(0);
     let lines: Vec<&str> = third.stdout.lines().collect();
     assert_eq!(lines.len(), 2, "{}", third.stdout);
@@ -235,6 +239,10 @@ fn nightly_bakes_both_at_once_rolls_when_needed_and_is_silent_when_nothing_chang
         "--agent-var",
         "fail=true",
     ]);
+    eprintln!(
+        "the failed night, as cron mails it:\n{}{}",
+        failed.stdout, failed.stderr
+    );
     failed.assert_code(1);
     assert!(failed.stdout.contains(": FAILED: "), "{}", failed.stdout);
     assert!(
