@@ -8,6 +8,7 @@ pub mod cli;
 pub mod exec;
 pub mod keys;
 pub mod manifest;
+pub mod nightly;
 pub mod progress;
 pub mod prune;
 pub mod recipe;
