@@ -16,6 +16,3 @@ pub mod roll;
 pub mod shipped;
 pub mod ssh;
 pub mod util;
-
-/// The bake's old name, for code not moved yet (`crate::build::tags` in src/roll).
-pub use bake as build;

@@ -203,7 +203,10 @@ pub async fn hygiene(
     let hygiene = Plan {
         steps: vec![internal_step(
             "Image hygiene",
-            cloud_init::hygiene_script(&keys.client.public_key_base64()),
+            cloud_init::hygiene_script(
+                &keys.client.public_key_base64(),
+                &keys.host.public_key().public_key_base64(),
+            ),
         )],
         validate: Vec::new(),
         ..plan.clone()
