@@ -13,6 +13,7 @@ mod iam;
 mod images;
 mod install;
 mod keys;
+mod keys_instance;
 mod prune;
 mod roll;
 mod security;
