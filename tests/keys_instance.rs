@@ -298,6 +298,34 @@ fn rotate_now(moto: &Moto, who: &(String, String), outputs: &mut Vec<String>) ->
     ssm_value(moto, PRIVATE).expect("the controller's key")
 }
 
+/// A stand-in for what else can answer the reload: every POST gets the status in argv[2].
+const ANSWER_PY: &str = "import http.server, sys\nclass H(http.server.BaseHTTPRequestHandler):\n    def do_POST(self):\n        self.send_response(int(sys.argv[2]))\n        self.send_header('Content-Length', '0')\n        self.end_headers()\n    def log_message(self, *a):\n        pass\nhttp.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n";
+
+/// Runs `jbake-casc-reload --pending P ARGS` by hand on the controller with a reload pending
+/// (and, with `answer`, a server on 127.0.0.1:18081 answering every POST with that status):
+/// its exit code, its stderr, and whether the reload is still pending.
+fn reload_by_hand(ctl: &Instance, args: &str, answer: Option<u16>) -> (i32, String, bool) {
+    let pending = "/run/keys-test/pending";
+    let server = match answer {
+        Some(code) => format!(
+            "python3 /root/answer.py 18081 {code} & srv=$!; \
+             for i in $(seq 50); do python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", 18081))' 2>/dev/null && break; sleep 0.1; done; "
+        ),
+        None => String::new(),
+    };
+    let stop = if answer.is_some() { "; kill $srv" } else { "" };
+    let out = ctl.exec(&format!(
+        "touch {pending}; {server}/usr/local/lib/jbake/jbake-casc-reload --pending {pending} {args}; rc=$?{stop}; exit $rc"
+    ));
+    let left = guest_has(ctl, pending);
+    let _ = ctl.exec(&format!("rm -f {pending}"));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        left,
+    )
+}
+
 /// Holds an exclusive flock on `file` (another controller holding the JENKINS_HOME lease)
 /// until dropped: a Python process of its own (no child that could keep the lock), killed by PID.
 struct LeaseHolder(Child);
@@ -777,6 +805,60 @@ fn keys_instance_rotation_reaches_the_agents_and_the_running_controller_without_
     eprintln!(
         "keys_instance: Jenkins stopped, waiting for the lease, starting: each took its new key in {:.1?}",
         t.elapsed()
+    );
+
+    // jbake-casc-reload's other ways out, by hand on the controller (Jenkins running): each
+    // fails with exit 3 (the unit is not restarted then: its timer tries again) and says what to
+    // do; the reload stays pending unless nothing could ever reload it (404).
+    std::fs::write(ctl.root.join("root/answer.py"), ANSWER_PY).expect("write answer.py");
+    ctl.exec_ok(&format!(
+        "umask 077; echo CASC_RELOAD_TOKEN={} > /run/keys-test/other.env",
+        "1".repeat(64)
+    ));
+    let ours = format!("--token-file {TOKEN_FILE}");
+    for (args, answer, want, pending) in [
+        (
+            "--token-file /run/keys-test/other.env".to_string(),
+            None,
+            "Jenkins refused the reload token (it was started with another one): restart Jenkins",
+            true,
+        ),
+        (
+            "--token-file /run/keys-test/none".to_string(),
+            None,
+            "no JCasC reload token in /run/keys-test/none",
+            true,
+        ),
+        (
+            format!("{ours} --url http://127.0.0.1:18081/"),
+            Some(404),
+            "Jenkins has no token reload (POST /reload-configuration-as-code/ is 404",
+            false,
+        ),
+        (
+            format!("{ours} --url http://127.0.0.1:18081/"),
+            Some(500),
+            "Jenkins answered HTTP 500 to the JCasC reload",
+            true,
+        ),
+        (
+            format!("{ours} --url http://127.0.0.1:9/ --wait 1"),
+            None,
+            "Jenkins did not take the reload within 1s ([Errno 111] Connection refused)",
+            true,
+        ),
+    ] {
+        let (code, stderr, left) = reload_by_hand(&ctl, &args, answer);
+        assert_eq!(code, 3, "{args}: {stderr}");
+        assert!(stderr.contains(want), "{args}: {stderr}");
+        assert_eq!(left, pending, "{args}: pending afterwards");
+        assert!(!stderr.contains(&token));
+        outputs.push(stderr);
+    }
+    assert!(
+        jenkins_uses(&efs, &sha5),
+        "none of them reloaded anything: {:?}",
+        casc_log(&efs)
     );
 
     // No private key on either instance's disk (their root file systems as files, outside the
