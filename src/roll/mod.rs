@@ -106,6 +106,8 @@ pub struct RollOptions {
     pub allow_efs_change: bool,
     /// Send the Jenkins credentials over plain HTTP.
     pub allow_insecure_http: bool,
+    /// Builds the drain does not wait for (URL prefixes): the build that runs this roll.
+    pub ignore_builds: Vec<String>,
 }
 
 /// Everything found before any change.
