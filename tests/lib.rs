@@ -14,6 +14,7 @@ mod iam;
 mod images;
 mod install;
 mod keys;
+mod keys_instance;
 mod nightly;
 mod prune;
 mod roll;
