@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use crate::aws::ec2::{self, ImageInfo};
 use crate::aws::usage::Reference;
-use crate::build::tags;
+use crate::bake::tags;
 
 /// An image jbake made, as prune sees it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]

@@ -1960,3 +1960,52 @@ fn the_public_ip_is_asked_over_https_only() {
     );
     assert_eq!(q.boot.log().len(), before, "{:?}", q.boot.log());
 }
+
+/// The image hygiene scrubs only the instance jbake launched: on a machine whose sshd host key
+/// is not the one-time key jbake gave its instance (a test's sshd on the developer's machine,
+/// a tunnel to the wrong host), it refuses and changes nothing. Run on a booted Debian, never
+/// on this machine: if the guard failed, this machine would be scrubbed.
+#[test]
+fn hygiene_refuses_a_machine_that_is_not_the_launched_instance() {
+    if !crate::support::prereq::instance_tier() {
+        return;
+    }
+    let vm = crate::support::instance::Instance::builder("hygiene").up();
+    let machine_id = vm.exec_ok("cat /etc/machine-id");
+    let own = vm.exec_ok("cut -d' ' -f2 /etc/ssh/ssh_host_ed25519_key.pub");
+    let other = "AAAAC3NzaC1lZDI1NTE5AAAAIOtherHostKeyNotThisMachine0000000000000000";
+    let refused = vm.exec(&jbake::bake::cloud_init::hygiene_script(
+        "AAAAclientkey",
+        other,
+    ));
+    assert_eq!(refused.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("refusing to scrub this machine"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert_eq!(
+        vm.exec_ok("cat /etc/machine-id"),
+        machine_id,
+        "scrubbed anyway"
+    );
+    assert!(vm
+        .exec("test -e /etc/ssh/ssh_host_ed25519_key")
+        .status
+        .success());
+    // Its own host key: scrubbed (identity and host keys gone).
+    let done = vm.exec(&jbake::bake::cloud_init::hygiene_script(
+        "AAAAclientkey",
+        &own,
+    ));
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert_eq!(vm.exec_ok("cat /etc/machine-id"), "");
+    assert!(!vm
+        .exec("ls /etc/ssh/ssh_host_* 2>/dev/null | grep -q .")
+        .status
+        .success());
+}

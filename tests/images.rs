@@ -301,10 +301,17 @@ fn rebuild_with_a_wrong_checksum(
         &work.join("manifest.json"),
     );
     bad.assert_code(1);
+    // The war's step, wherever the recipe's earlier steps (upgrades, …) put it.
+    let war_step = bad
+        .statuses()
+        .into_iter()
+        .find(|(_, s)| s == "failed")
+        .map(|(n, _)| n)
+        .unwrap_or_else(|| panic!("no failed step: {}", bad.stdout));
     assert!(
-        bad.stderr
-            .contains("step 6 'Jenkins 2.479.3 war, SHA-256 verified' (")
-            && bad.stderr.contains("recipes/controller.yaml:")
+        bad.stderr.contains(&format!(
+            "step {war_step} 'Jenkins 2.479.3 war, SHA-256 verified' ("
+        )) && bad.stderr.contains("recipes/controller.yaml:")
             && bad.stderr.contains(") exited 1 (attempt 3 of 3) on i-"),
         "{}",
         bad.stderr

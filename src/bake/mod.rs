@@ -89,6 +89,9 @@ pub struct BakeOptions {
     /// Reach the instance through this jump host.
     pub jump: Option<Jump>,
     pub force: bool,
+    /// An image of the same inputs older than this does not count as unchanged: it is built
+    /// again, with the distribution's updates of the day (`--max-age`).
+    pub max_age: Option<Duration>,
     pub on_error: OnError,
     pub manifest: PathBuf,
     /// The instance's watchdog: it shuts itself down (and terminates) after this long.
@@ -100,6 +103,17 @@ pub struct BakeOptions {
     pub skip_test: bool,
     pub output: Output,
     pub quiet: bool,
+    /// Several bakes at once (`jbake nightly`): this one's name in its progress lines.
+    pub label: Option<String>,
+}
+
+impl BakeOptions {
+    fn progress(&self, secrets: Vec<String>) -> Progress {
+        match &self.label {
+            Some(l) => Progress::labelled(self.output, self.quiet, secrets, l),
+            None => Progress::new(self.output, self.quiet, secrets),
+        }
+    }
 }
 
 /// The outcome of a build.
@@ -198,7 +212,7 @@ pub async fn bake(opts: BakeOptions, aws: Aws, interrupt: Interrupt) -> Report {
             }
         }
     };
-    let progress = Progress::new(opts.output, opts.quiet, plan.secrets());
+    let progress = opts.progress(plan.secrets());
     progress.info(
         "build",
         &format!("build {build_id} of {} in {}", plan.name, opts.aws.region),
@@ -219,7 +233,7 @@ pub async fn bake(opts: BakeOptions, aws: Aws, interrupt: Interrupt) -> Report {
             (progress, Outcome::Interrupted(why))
         }
         Err(e) => {
-            let progress = Progress::new(opts.output, opts.quiet, plan.secrets());
+            let progress = opts.progress(plan.secrets());
             let what = panic_message(e);
             progress.warn(&format!(
                 "the build stopped on an internal error ({what}); removing what it made"

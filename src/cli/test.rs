@@ -146,8 +146,10 @@ pub async fn test_cmd(args: TestArgs, output: Output, quiet: bool) -> Result<(),
         connect_timeout: args.connect_timeout,
         image_timeout: Duration::from_secs(3600),
         skip_test: false,
+        max_age: None,
         output,
         quiet,
+        label: None,
     };
     if let Err(e) = retest::preflight(&opts, &image) {
         return Err(shown(input(e)));

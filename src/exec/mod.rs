@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::progress::{Progress, StepRow, StepStatus};
-use crate::recipe::{Action, FileAttrs, Origin, Phase, Plan, Step};
+use crate::recipe::{Action, Fact, FileAttrs, Origin, Phase, Plan, Step};
 use crate::ssh::{self, ConnectOptions, RootShell, Session, Stream};
 use crate::util::{fmt_duration, mask, shell_quote};
 
@@ -338,6 +338,90 @@ impl<'p> Executor<'p> {
         };
         let r = self.request(step, &script, step.timeout, true).await?;
         Ok((r.code, r.stdout))
+    }
+
+    /// Reads the recipe's `facts:` on the machine: each command runs as root (after the
+    /// checks), and its output, one line of at most 256 characters, is the value of its tag.
+    /// Shown like checks; a command that fails, prints nothing or more than one line, or prints
+    /// a secret, fails the build.
+    pub async fn read_facts(
+        &mut self,
+        facts: &[Fact],
+    ) -> Result<(Vec<(String, String)>, Report), (Error, Report)> {
+        let start = Instant::now();
+        let mut rows = Vec::new();
+        let mut values = Vec::new();
+        let total = facts.len();
+        if total > 0 {
+            self.progress
+                .info("phase", &format!("reading {total} image fact(s)"));
+        }
+        for (i, fact) in facts.iter().enumerate() {
+            let step = Step {
+                number: i.saturating_add(1),
+                phase: Phase::Validate,
+                name: format!("fact {}", fact.key),
+                origin: fact.origin.clone(),
+                action: Action::Run {
+                    script: fact.script.clone(),
+                },
+                user: None,
+                env: Vec::new(),
+                retries: 0,
+                delay: Duration::from_secs(1),
+                timeout: Some(Duration::from_secs(60)),
+                when: None,
+                creates: None,
+            };
+            self.progress.step_started(&step, total);
+            let t = Instant::now();
+            let result = match self.request(&step, &fact.script, step.timeout, true).await {
+                Err(e) => Err(e),
+                Ok(r) if r.code != 0 => {
+                    Err(self.failed(&step, exit_detail(r.code, Duration::from_secs(60)), r.tail))
+                }
+                Ok(r) => {
+                    let text = String::from_utf8_lossy(&r.stdout).trim().to_string();
+                    match fact_value(&text, &self.secrets) {
+                        Ok(()) => Ok(text),
+                        Err(why) => Err(self.failed(&step, why, Vec::new())),
+                    }
+                }
+            };
+            let status = match &result {
+                Ok(_) => StepStatus::Ok,
+                Err(e) => StepStatus::Failed(short(e)),
+            };
+            self.progress
+                .step_finished(&step, total, &status, t.elapsed());
+            rows.push(StepRow {
+                phase: step.phase,
+                number: step.number,
+                name: step.name.clone(),
+                status,
+                elapsed_ms: t.elapsed().as_millis(),
+                attempts: 1,
+            });
+            match result {
+                Ok(v) => values.push((fact.key.clone(), v)),
+                Err(e) => {
+                    return Err((
+                        e,
+                        Report {
+                            rows,
+                            elapsed: start.elapsed(),
+                        },
+                    ))
+                }
+            }
+        }
+        Ok((
+            values,
+            Report {
+                rows,
+                elapsed: start.elapsed(),
+            },
+        ))
     }
 
     /// Ends the root shell and the connection.
@@ -951,5 +1035,48 @@ mod tests {
         assert!(s.contains(r"d='/etc/it'\''s here'"));
         assert!(s.contains("chmod 600 \"$t\""));
         assert!(s.contains("chown root \"$t\""));
+    }
+}
+
+/// Whether a fact's output can be a tag value: one line, 1 to 256 characters, no secret.
+fn fact_value(text: &str, secrets: &[String]) -> Result<(), String> {
+    if text.is_empty() {
+        return Err("printed nothing (a fact is one line of output)".to_string());
+    }
+    if text.contains('\n') {
+        return Err(format!(
+            "printed {} lines (a fact is one line of output)",
+            text.lines().count()
+        ));
+    }
+    if text.chars().count() > 256 {
+        return Err(format!(
+            "printed {} characters (a tag value holds at most 256)",
+            text.chars().count()
+        ));
+    }
+    if mask(text, secrets) != text {
+        return Err("printed the value of a secret variable (tags are readable by anyone who can describe the image)".to_string());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod fact_tests {
+    use super::fact_value;
+
+    #[test]
+    fn a_fact_is_one_short_line_without_secrets() {
+        let none: Vec<String> = Vec::new();
+        assert!(fact_value("2026-11-30T08:00:00Z", &none).is_ok());
+        assert!(fact_value("", &none).unwrap_err().contains("nothing"));
+        assert!(fact_value("a\nb", &none).unwrap_err().contains("2 lines"));
+        assert!(fact_value(&"x".repeat(257), &none)
+            .unwrap_err()
+            .contains("257"));
+        let secrets = vec!["hunter2".to_string()];
+        assert!(fact_value("pw=hunter2", &secrets)
+            .unwrap_err()
+            .contains("secret"));
     }
 }

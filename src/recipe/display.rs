@@ -72,6 +72,19 @@ pub fn format_plan(plan: &Plan) -> String {
             let _ = writeln!(o, "  {k:<width$} = {v:?}");
         }
     }
+    if !plan.facts.is_empty() {
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "image facts (tags read on the machine after the checks):"
+        );
+        for f in &plan.facts {
+            let _ = writeln!(o, "  {} ({}):", f.key, f.origin);
+            for line in mask(&f.script, &plan.secrets()).trim_end().lines() {
+                let _ = writeln!(o, "    | {line}");
+            }
+        }
+    }
     let secrets = plan.secrets();
     for (title, steps) in [("steps", &plan.steps), ("validate", &plan.validate)] {
         let _ = writeln!(o);

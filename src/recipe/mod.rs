@@ -89,6 +89,14 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Plan, Error> {
         tags.push((key.clone(), value));
     }
     tags.sort();
+    let mut facts = Vec::with_capacity(recipe.facts.len());
+    for (key, script) in &recipe.facts {
+        facts.push(Fact {
+            key: key.clone(),
+            script: renderer.render_shell(script)?,
+            origin: script.origin.clone(),
+        });
+    }
     let mut validate = Vec::with_capacity(expanded.validate.len());
     for (i, raw) in expanded.validate.iter().enumerate() {
         validate.push(renderer.step(raw, i + 1)?);
@@ -106,6 +114,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Plan, Error> {
         instance: recipe.instance,
         vars: resolved.list,
         tags,
+        facts,
         steps,
         validate,
         test,

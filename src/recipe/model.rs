@@ -27,6 +27,7 @@ const TOP_KEYS: &[&str] = &[
     "instance",
     "vars",
     "tags",
+    "facts",
     "include",
     "steps",
     "validate",
@@ -164,6 +165,9 @@ pub(crate) struct RawRecipe {
     pub vars_origin: Origin,
     /// `tags:`: tag key → value template, put on the image and its snapshots.
     pub tags: Vec<(String, Spanned)>,
+    /// `facts:`: tag key → a shell command run as root after the checks; its output is the
+    /// value of the tag on the image and its snapshots.
+    pub facts: Vec<(String, Spanned)>,
     pub body: StepFile,
 }
 
@@ -228,9 +232,20 @@ pub(crate) fn decode_recipe(root: &Node) -> Result<RawRecipe, Error> {
         None => (Vec::new(), root.origin()),
     };
     let tags = match m.get("tags") {
-        Some(n) => decode_tags(n)?,
+        Some(n) => decode_tags(n, "tags")?,
         None => Vec::new(),
     };
+    // `facts:` — tag key → a shell command whose output (read on the machine after the checks)
+    // is the tag's value.
+    let facts = match m.get("facts") {
+        Some(n) => decode_tags(n, "facts")?,
+        None => Vec::new(),
+    };
+    if let Some((key, script)) = facts.iter().find(|(k, _)| tags.iter().any(|(t, _)| t == k)) {
+        return Err(script.err(format!(
+            "'{key}' is both in tags: and in facts:; a tag has one value"
+        )));
+    }
     let body = decode_step_file_body(&m)?;
     if body.steps.is_empty() && body.includes.is_empty() {
         if let Some(n) = m.get("steps") {
@@ -249,16 +264,17 @@ pub(crate) fn decode_recipe(root: &Node) -> Result<RawRecipe, Error> {
         vars,
         vars_origin,
         tags,
+        facts,
         body,
     })
 }
 
 /// `tags:` — a mapping of tag key to a value template (rendered like a step's fields).
-fn decode_tags(node: &Node) -> Result<Vec<(String, Spanned)>, Error> {
-    let m = node.map("tags", &[])?;
+fn decode_tags(node: &Node, section: &str) -> Result<Vec<(String, Spanned)>, Error> {
+    let m = node.map(section, &[])?;
     let mut out = Vec::new();
     for (key, key_node, v) in &m.entries {
-        let field = format!("tags.{key}");
+        let field = format!("{section}.{key}");
         if !TAG_KEY.is_match(key) {
             return Err(key_node.err(
                 &field,

@@ -170,6 +170,14 @@ pub struct Step {
     pub creates: Option<String>,
 }
 
+/// A `facts:` entry: the tag key, the command (rendered), where it is written.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Fact {
+    pub key: String,
+    pub script: String,
+    pub origin: Origin,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Plan {
     pub schema_version: u32,
@@ -182,6 +190,9 @@ pub struct Plan {
     pub vars: Vec<ResolvedVar>,
     /// The recipe's `tags:`, rendered, sorted by key: put on the image and its snapshots.
     pub tags: Vec<(String, String)>,
+    /// The recipe's `facts:`, rendered like `run:` scripts, in the order written: each runs as
+    /// root after the checks, and its output becomes the tag of that key on the image.
+    pub facts: Vec<Fact>,
     pub steps: Vec<Step>,
     pub validate: Vec<Step>,
     /// `test:`: run by the boot test on a fresh instance of the image, never on the build

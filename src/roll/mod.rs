@@ -108,6 +108,8 @@ pub struct RollOptions {
     pub allow_insecure_http: bool,
     /// Roll to an image without a boot test result (never to one that failed it).
     pub allow_untested: bool,
+    /// Builds the drain does not wait for (URL prefixes): the build that runs this roll.
+    pub ignore_builds: Vec<String>,
 }
 
 /// Everything found before any change.

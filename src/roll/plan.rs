@@ -2,7 +2,7 @@
 
 use crate::aws::ec2::{self, ImageInfo};
 use crate::aws::Aws;
-use crate::build::tags;
+use crate::bake::tags;
 
 use crate::aws::asg::Sizes;
 use crate::aws::elb::TargetGroupInfo;

@@ -1,7 +1,7 @@
 //! Stage resolve-base: the base image, the content hash, whether an image of the same inputs
 //! exists (then nothing is built), and the version this build plans.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use crate::aws::ec2::{self, ImageInfo, Tags};
 use crate::aws::{self, Aws};
@@ -70,7 +70,30 @@ pub async fn resolve(b: &mut Bake) -> Result<Resolution, Error> {
             .ec2
             .own_images_tagged(tags::CONTENT_HASH, &content_hash)
             .await?;
-        if let Some(img) = same_image(&same, &hashed.name) {
+        let newest = same_image(&same, &hashed.name);
+        let fresh = match (newest, b.opts.max_age) {
+            (Some(img), Some(max)) => {
+                let age = image_age(&img.creation_date, SystemTime::now());
+                match age {
+                    Some(age) if age > max => {
+                        b.progress.info(
+                            "outdated",
+                            &format!(
+                                "the inputs are unchanged, but {} ({}) is {} old, older than --max-age {}: building it again with the updates published since",
+                                img.id,
+                                img.name,
+                                crate::util::fmt_duration(age),
+                                crate::util::fmt_duration(max)
+                            ),
+                        );
+                        None
+                    }
+                    _ => Some(img),
+                }
+            }
+            (img, _) => img,
+        };
+        if let Some(img) = fresh {
             b.progress.info(
                 "unchanged",
                 &format!(
@@ -142,12 +165,16 @@ pub async fn resolve(b: &mut Bake) -> Result<Resolution, Error> {
 /// available, complete, and not failed at its boot test (a failed image is no result: the build
 /// makes a new one). Pure.
 pub fn same_image<'a>(same_hash: &'a [ImageInfo], recipe: &str) -> Option<&'a ImageInfo> {
-    same_hash.iter().find(|i| {
-        ec2::image_available(&i.state)
-            && i.tag(tags::RECIPE) == Some(recipe)
-            && i.tag(tags::COMPLETE) != Some("false")
-            && i.tag(tags::TESTED) != Some("false")
-    })
+    same_hash
+        .iter()
+        .filter(|i| {
+            ec2::image_available(&i.state)
+                && i.tag(tags::RECIPE) == Some(recipe)
+                && i.tag(tags::COMPLETE) != Some("false")
+                && i.tag(tags::TESTED) != Some("false")
+        })
+        // The newest (the first of equals): --max-age judges its age.
+        .min_by(|a, b| b.creation_date.cmp(&a.creation_date))
 }
 
 /// Numbers of `day` taken by this account's images of `recipe` and reserved by other builds of
@@ -312,5 +339,33 @@ mod tests {
         assert!(same_image(&[failed.clone(), half.clone(), other.clone()], "r").is_none());
         let all = [failed, half, other, untested, tested];
         assert_eq!(same_image(&all, "r").map(|i| i.id.as_str()), Some("ami-u"));
+    }
+}
+
+/// How old an image is, from its EC2 creation date (`2026-11-30T10:00:00.000Z`); None when the
+/// date cannot be read (then it counts as fresh: an unreadable date never forces a rebuild).
+fn image_age(created: &str, now: SystemTime) -> Option<Duration> {
+    let t = humantime::parse_rfc3339_weak(created.trim_end_matches('Z').split('.').next()?).ok()?;
+    now.duration_since(t).ok()
+}
+
+#[cfg(test)]
+mod age_tests {
+    use super::*;
+
+    #[test]
+    fn image_age_reads_ec2_dates() {
+        let now = humantime::parse_rfc3339("2026-11-30T12:00:00Z").unwrap();
+        assert_eq!(
+            image_age("2026-11-23T12:00:00.000Z", now),
+            Some(Duration::from_secs(7 * 24 * 3600))
+        );
+        assert_eq!(
+            image_age("2026-11-30T11:59:00Z", now),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(image_age("yesterday", now), None);
+        // From the future (clock skew): not old.
+        assert_eq!(image_age("2026-12-01T00:00:00.000Z", now), None);
     }
 }

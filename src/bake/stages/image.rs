@@ -55,7 +55,7 @@ pub async fn image(
         }
         let version = version::version(&r.day, number);
         let name = version::image_name(&r.plan.name, &version);
-        let (mut image_tags, snapshot_tags) = image_tags(r, &name, &version, &expires);
+        let (mut image_tags, snapshot_tags) = image_tags(r, &b.facts, &name, &version, &expires);
         image_tags.extend(identity.iter().cloned());
         let description = format!(
             "{} {version} by jbake {} from {} ({})",
@@ -178,7 +178,13 @@ pub async fn image(
 }
 
 /// The image's tags and its snapshots' (the same, without `jbake:complete`).
-fn image_tags(r: &Resolved, name: &str, version: &str, expires: &str) -> (Tags, Tags) {
+fn image_tags(
+    r: &Resolved,
+    facts: &[(String, String)],
+    name: &str,
+    version: &str,
+    expires: &str,
+) -> (Tags, Tags) {
     let mut t: Tags = r
         .common
         .iter()
@@ -199,6 +205,8 @@ fn image_tags(r: &Resolved, name: &str, version: &str, expires: &str) -> (Tags, 
     // The recipe's own tags (`tags:`, e.g. the controller's jbake:efs-id); jbake's keys are
     // refused at validate, so they cannot override the ones above.
     t.extend(r.plan.tags.iter().cloned());
+    // What the machine said about itself (`facts:`, e.g. what it was patched to).
+    t.extend(facts.iter().cloned());
     let snapshot = t.clone();
     t.push((tags::COMPLETE.to_string(), "false".to_string()));
     (t, snapshot)

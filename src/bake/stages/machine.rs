@@ -199,11 +199,24 @@ pub fn connect_options(
 }
 
 /// The recipe's steps and checks.
+/// The recipe's steps and checks, then its `facts:` (read on the machine, for the image's
+/// tags). Returns the rows of all three and the facts.
 pub async fn provision(
     ex: &mut Executor<'_>,
     plan: &Plan,
-) -> Result<Vec<StepRow>, (exec::Error, exec::Report)> {
-    ex.run_plan(plan).await.map(|r| r.rows)
+) -> Result<(Vec<StepRow>, Vec<(String, String)>), (exec::Error, exec::Report)> {
+    let mut rows = ex.run_plan(plan).await?.rows;
+    match ex.read_facts(&plan.facts).await {
+        Ok((facts, report)) => {
+            rows.extend(report.rows);
+            Ok((rows, facts))
+        }
+        Err((e, mut report)) => {
+            rows.append(&mut report.rows);
+            report.rows = rows;
+            Err((e, report))
+        }
+    }
 }
 
 /// Image hygiene, always, as the last thing on the machine.
@@ -215,7 +228,10 @@ pub async fn hygiene(
     let hygiene = Plan {
         steps: vec![internal_step(
             "Image hygiene",
-            cloud_init::hygiene_script(&keys.client.public_key_base64()),
+            cloud_init::hygiene_script(
+                &keys.client.public_key_base64(),
+                &keys.host.public_key().public_key_base64(),
+            ),
         )],
         validate: Vec::new(),
         ..plan.clone()

@@ -130,6 +130,8 @@ pub struct Bake {
     pub broker_pid: Arc<AtomicU32>,
     /// The stages entered so far, in order.
     pub entered: Vec<Stage>,
+    /// The recipe's `facts:` as read on the machine (provision), for the image's tags.
+    pub facts: Vec<(String, String)>,
 }
 
 impl Bake {
@@ -154,6 +156,7 @@ impl Bake {
             interrupt,
             broker_pid: Arc::new(AtomicU32::new(0)),
             entered: Vec::new(),
+            facts: Vec::new(),
         }
     }
 
@@ -234,7 +237,10 @@ async fn until_tagged(b: &mut Bake) -> Result<Made, Error> {
     failpoint(Stage::Provision);
     let steps = machine::provision(&mut ex, &resolved.plan).await;
     let steps = match steps {
-        Ok(rows) => rows,
+        Ok((rows, facts)) => {
+            b.facts = facts;
+            rows
+        }
         Err((e, report)) => {
             ex.close().await;
             b.progress.summary(&report.rows, report.elapsed, false);
