@@ -178,6 +178,7 @@ fn run(extra: &[String], signals: &Signals) -> ExitCode {
             &["controller", "--efs-id", EFS_ID],
             moto,
             proxy,
+            cloud,
             vm,
             &vars,
             &manifest,

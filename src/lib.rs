@@ -8,6 +8,7 @@ pub mod cli;
 pub mod exec;
 pub mod keys;
 pub mod manifest;
+pub mod nightly;
 pub mod progress;
 pub mod prune;
 pub mod recipe;
@@ -15,6 +16,3 @@ pub mod roll;
 pub mod shipped;
 pub mod ssh;
 pub mod util;
-
-/// The bake's old name, for code not moved yet (`crate::build::tags` in src/roll).
-pub use bake as build;

@@ -24,6 +24,9 @@ pub struct Build {
     /// `ami_id` and `region`.)
     #[serde(flatten)]
     pub distributed: crate::bake::distribute::Distributed,
+    /// The boot test's verdict on the image (`jbake:tested`); absent: not tested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tested: Option<bool>,
 }
 
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -141,6 +144,7 @@ mod tests {
             finished_at: "t1".into(),
             skipped_unchanged: false,
             distributed: Default::default(),
+            tested: Some(true),
         }
     }
 

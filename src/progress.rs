@@ -70,6 +70,9 @@ pub struct Progress {
     bar: Option<ProgressBar>,
     /// Buffered output of the current step, shown only if it fails (quiet mode).
     held: Vec<String>,
+    /// Whose progress this is, when several run at once (`jbake nightly`'s two bakes): every
+    /// line starts with it, every JSON event carries it as `"bake"`.
+    label: Option<String>,
 }
 
 /// One line on stdout. A closed pipe (`jbake build … | head`) is not an error: the build, and
@@ -91,6 +94,7 @@ fn label(step: &Step, total: usize) -> String {
     let phase = match step.phase {
         Phase::Steps => "",
         Phase::Validate => "validate ",
+        Phase::Test => "test ",
     };
     format!("[{phase}{}/{total}] {}", step.number, step.name)
 }
@@ -113,11 +117,27 @@ impl Progress {
             secrets,
             bar: None,
             held: Vec::new(),
+            label: None,
         }
     }
 
+    /// The progress of one of several bakes running at once: plain lines (never spinners:
+    /// two cannot share a terminal), each starting with `label`; JSON events carry it. In
+    /// quiet mode the result line is left to the caller's summary.
+    pub fn labelled(output: Output, quiet: bool, secrets: Vec<String>, label: &str) -> Progress {
+        let mut p = Progress::new(output, quiet, secrets);
+        if p.mode == Mode::Tty {
+            p.mode = Mode::Plain;
+        }
+        p.label = Some(label.to_string());
+        p
+    }
+
     fn line(&self, text: &str) {
-        let text = mask(text, &self.secrets);
+        let text = match &self.label {
+            Some(l) => mask(&format!("{l}: {text}"), &self.secrets),
+            None => mask(text, &self.secrets),
+        };
         match (&self.bar, self.mode) {
             (Some(bar), _) => bar.println(text),
             (None, Mode::Tty) => err_line(&text),
@@ -128,6 +148,9 @@ impl Progress {
     fn event(&self, mut v: Value) {
         if let Value::Object(map) = &mut v {
             map.insert("time".into(), Value::String(now()));
+            if let Some(l) = &self.label {
+                map.insert("bake".into(), Value::String(l.clone()));
+            }
         }
         // Before serialising: a secret's escaped form would no longer be found afterwards.
         mask_json(&mut v, &self.secrets);
@@ -278,6 +301,9 @@ impl Progress {
             self.event(json!({"event": "build_finished", "result": built}));
             return;
         }
+        if self.label.is_some() && self.quiet {
+            return; // one of several bakes: the caller's summary says it
+        }
         let mut text = if built.skipped_unchanged {
             format!(
                 "unchanged {} {} (content hash {})",
@@ -313,6 +339,19 @@ impl Progress {
         }
     }
 
+    /// The boot test's checks: a table (as [`summary`](Self::summary)), or with `--output json`
+    /// one `test_finished` event.
+    pub fn test_summary(&self, image: &str, rows: &[StepRow], elapsed: Duration, passed: bool) {
+        if self.mode == Mode::Json {
+            self.event(
+                json!({"event": "test_finished", "image": image, "passed": passed,
+                "elapsed_ms": elapsed.as_millis(), "checks": rows}),
+            );
+            return;
+        }
+        self.summary(rows, elapsed, passed);
+    }
+
     pub fn is_json(&self) -> bool {
         self.mode == Mode::Json
     }
@@ -334,7 +373,11 @@ impl Progress {
             .min(48);
         let mut table = String::new();
         for r in rows {
-            let phase = if r.phase == Phase::Validate { "v" } else { " " };
+            let phase = match r.phase {
+                Phase::Steps => " ",
+                Phase::Validate => "v",
+                Phase::Test => "t",
+            };
             let tries = if r.attempts > 1 {
                 format!("  ({} attempts)", r.attempts)
             } else {
@@ -358,6 +401,14 @@ impl Progress {
             count(|s| matches!(s, StepStatus::Skipped(_))),
             count(|s| matches!(s, StepStatus::Failed(_))),
         );
-        err_line(&format!("{}{head}", mask(&table, &self.secrets)));
+        let text = format!("{}{head}", mask(&table, &self.secrets));
+        match &self.label {
+            // Two bakes' tables may come out together: say whose each line is.
+            Some(l) => {
+                let lines: Vec<String> = text.lines().map(|line| format!("{l}: {line}")).collect();
+                err_line(&lines.join("\n"));
+            }
+            None => err_line(&text),
+        }
     }
 }

@@ -9,12 +9,15 @@
 //! of their region like any other, named and tagged like it; `jbake prune --regions` plans and
 //! prunes each region on its own (the newest N of a recipe *there*, never one used *there*),
 //! each image with its snapshots (those of its block device mappings: a copy's are its own).
+//! An image that failed its boot test (`jbake:tested=false`) is never rolled out: it does not
+//! count among the newest N, and goes unless something uses it (an instance launched from it
+//! to debug it keeps it).
 
 use std::collections::BTreeMap;
 
 use crate::aws::ec2::{self, ImageInfo};
 use crate::aws::usage::Reference;
-use crate::build::tags;
+use crate::bake::tags;
 
 /// An image jbake made, as prune sees it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -25,6 +28,8 @@ pub struct Candidate {
     pub version: String,
     pub created: String,
     pub snapshots: Vec<String>,
+    /// It failed its boot test (`jbake:tested=false`).
+    pub failed_test: bool,
 }
 
 /// Why an image stays.
@@ -119,6 +124,7 @@ pub fn candidates(images: &[ImageInfo], recipe: Option<&str>) -> (Vec<Candidate>
             version: version.to_string(),
             created: i.creation_date.clone(),
             snapshots: i.snapshots.clone(),
+            failed_test: i.tag(tags::TESTED) == Some("false"),
         });
     }
     (out, skipped)
@@ -133,7 +139,7 @@ fn version_key(v: &str) -> (String, u64) {
 }
 
 /// What happens to each candidate: per recipe, newest first (by creation date, then version),
-/// the first `keep` stay, and any image something uses stays.
+/// the first `keep` that did not fail their boot test stay, and any image something uses stays.
 pub fn decide(
     images: Vec<Candidate>,
     used: &BTreeMap<String, Vec<Reference>>,
@@ -148,10 +154,14 @@ pub fn decide(
         list.sort_by(|a, b| {
             (&b.created, version_key(&b.version)).cmp(&(&a.created, version_key(&a.version)))
         });
-        for (n, image) in list.into_iter().enumerate() {
+        let mut n = 0;
+        for image in list {
             let mut reasons = Vec::new();
-            if n < keep {
-                reasons.push(Keep::Newest { rank: n + 1, keep });
+            if !image.failed_test {
+                if n < keep {
+                    reasons.push(Keep::Newest { rank: n + 1, keep });
+                }
+                n += 1;
             }
             if let Some(by) = used.get(&image.id).filter(|b| !b.is_empty()) {
                 reasons.push(Keep::InUse { by: by.clone() });
@@ -253,6 +263,46 @@ mod tests {
         // keep 0: only use protects.
         let (c, _) = candidates(&imgs, None);
         assert_eq!(decide(c, &used, 0).iter().filter(|d| !d.prune()).count(), 1);
+    }
+
+    #[test]
+    fn an_image_that_failed_its_boot_test_is_not_among_the_newest_and_goes() {
+        let mut failed = image("ami-3", "c", "2026.11.03-1", "2026-11-03T00:00:00Z");
+        failed.tags.push((tags::TESTED.into(), "false".into()));
+        let mut debugged = image("ami-4", "c", "2026.11.04-1", "2026-11-04T00:00:00Z");
+        debugged.tags.push((tags::TESTED.into(), "false".into()));
+        let imgs = [
+            image("ami-1", "c", "2026.11.01-1", "2026-11-01T00:00:00Z"),
+            image("ami-2", "c", "2026.11.02-1", "2026-11-02T00:00:00Z"),
+            failed,
+            debugged,
+        ];
+        let (c, _) = candidates(&imgs, None);
+        assert!(c[2].failed_test && c[3].failed_test && !c[0].failed_test);
+        let mut used = BTreeMap::new();
+        used.insert(
+            "ami-4".to_string(),
+            vec![Reference::Instance {
+                id: "i-debug".into(),
+                state: "running".into(),
+            }],
+        );
+        let d = decide(c, &used, 2);
+        let verdict: Vec<(&str, bool)> =
+            d.iter().map(|d| (d.image.id.as_str(), d.prune())).collect();
+        // The two newest that passed stay; the failed one goes; the failed one in use stays,
+        // only because it is used.
+        assert_eq!(
+            verdict,
+            [
+                ("ami-4", false),
+                ("ami-3", true),
+                ("ami-2", false),
+                ("ami-1", false)
+            ]
+        );
+        assert_eq!(d[0].keep.len(), 1);
+        assert_eq!(d[2].keep[0].to_string(), "the newest of its recipe");
     }
 }
 

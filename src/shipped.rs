@@ -214,8 +214,8 @@ mod tests {
                 crate::recipe::load(&root.join(format!("recipes/{name}.yaml")), &opts).unwrap();
             let ami = "ami-0123456789abcdef0";
             assert_eq!(
-                crate::build::hash::content_hash(&shipped, ami).unwrap(),
-                crate::build::hash::content_hash(&checkout, ami).unwrap(),
+                crate::bake::hash::content_hash(&shipped, ami).unwrap(),
+                crate::bake::hash::content_hash(&checkout, ami).unwrap(),
                 "{name}"
             );
         }

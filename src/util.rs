@@ -12,9 +12,12 @@ pub fn fmt_duration(d: Duration) -> String {
     } else if ms < 3_600_000 {
         let s = d.as_secs();
         format!("{}m{:02}s", s / 60, s % 60)
-    } else {
+    } else if ms < 86_400_000 {
         let m = d.as_secs() / 60;
         format!("{}h{:02}m", m / 60, m % 60)
+    } else {
+        let h = d.as_secs() / 3600;
+        format!("{}d{:02}h", h / 24, h % 24)
     }
 }
 

@@ -36,8 +36,26 @@ pub(crate) fn recipe(dir: &Path, user: &str, steps: &str) -> PathBuf {
     )
 }
 
-/// `jbake build RECIPE` against `endpoint`, SSH to `host:port`, JSON events.
+/// `jbake build RECIPE --skip-test` against `endpoint`, SSH to `host:port`, JSON events. These
+/// tests are about the bake itself; the boot test has its own (tests/boot_test.rs), which
+/// launch instances of the image: [`tested_build_cmd`].
 pub(crate) fn build_cmd(
+    moto: &Moto,
+    endpoint: &str,
+    recipe: &Path,
+    host: &str,
+    port: u16,
+    manifest: &Path,
+) -> Command {
+    let mut c = tested_build_cmd(moto, endpoint, recipe, host, port, manifest);
+    c.arg("--skip-test");
+    c
+}
+
+/// [`build_cmd`] with the boot test: its test instance boots a machine of its own from the
+/// image (the [`CloudInit`] must `report_to` the proxy of a world that shows instances pending
+/// until served: `BOOTS_LIKE_EC2`).
+pub(crate) fn tested_build_cmd(
     moto: &Moto,
     endpoint: &str,
     recipe: &Path,
@@ -1941,4 +1959,53 @@ fn the_public_ip_is_asked_over_https_only() {
         out.stderr
     );
     assert_eq!(q.boot.log().len(), before, "{:?}", q.boot.log());
+}
+
+/// The image hygiene scrubs only the instance jbake launched: on a machine whose sshd host key
+/// is not the one-time key jbake gave its instance (a test's sshd on the developer's machine,
+/// a tunnel to the wrong host), it refuses and changes nothing. Run on a booted Debian, never
+/// on this machine: if the guard failed, this machine would be scrubbed.
+#[test]
+fn hygiene_refuses_a_machine_that_is_not_the_launched_instance() {
+    if !crate::support::prereq::instance_tier() {
+        return;
+    }
+    let vm = crate::support::instance::Instance::builder("hygiene").up();
+    let machine_id = vm.exec_ok("cat /etc/machine-id");
+    let own = vm.exec_ok("cut -d' ' -f2 /etc/ssh/ssh_host_ed25519_key.pub");
+    let other = "AAAAC3NzaC1lZDI1NTE5AAAAIOtherHostKeyNotThisMachine0000000000000000";
+    let refused = vm.exec(&jbake::bake::cloud_init::hygiene_script(
+        "AAAAclientkey",
+        other,
+    ));
+    assert_eq!(refused.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("refusing to scrub this machine"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert_eq!(
+        vm.exec_ok("cat /etc/machine-id"),
+        machine_id,
+        "scrubbed anyway"
+    );
+    assert!(vm
+        .exec("test -e /etc/ssh/ssh_host_ed25519_key")
+        .status
+        .success());
+    // Its own host key: scrubbed (identity and host keys gone).
+    let done = vm.exec(&jbake::bake::cloud_init::hygiene_script(
+        "AAAAclientkey",
+        &own,
+    ));
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert_eq!(vm.exec_ok("cat /etc/machine-id"), "");
+    assert!(!vm
+        .exec("ls /etc/ssh/ssh_host_* 2>/dev/null | grep -q .")
+        .status
+        .success());
 }

@@ -30,10 +30,11 @@ use serde_json::Value;
 
 use crate::build::{
     assert_nothing_left, build_cmd, build_id_of, finish, finished, follow, recipe, run, spawn,
-    wait_for_line,
+    tested_build_cmd, wait_for_line,
 };
 use crate::roll::{self, iam_action, GROUP};
-use crate::support::bake::BOOTING;
+use crate::support::archive;
+use crate::support::bake::{BOOTING, BOOTS_LIKE_EC2};
 use crate::support::cli::{self, Run};
 use crate::support::instance::Instance;
 use crate::support::moto::{CloudInit, FaultProxy, Moto, REGION};
@@ -203,14 +204,18 @@ fn iam_build_policy_bakes_an_image_and_a_missing_action_fails_cleanly() {
         dir.path(),
         &vm.user,
         "steps:\n  - name: Mark the image\n    file: { path: /etc/jbake-built, content: \"{{ version }}\\n\" }\n\
-         validate:\n  - name: marked\n    run: test -s /etc/jbake-built\n",
+         validate:\n  - name: marked\n    run: test -s /etc/jbake-built\n\
+         test:\n  - name: still marked on a fresh instance\n    run: test -s /etc/jbake-built\n",
     );
     // jbake's requests, and only those, go through the proxy: its log is what jbake called.
+    // Instances are pending until the stand-in served them (the boot test's own instance too:
+    // a machine booted from the image).
     let boot = FaultProxy::start(&moto.endpoint());
     let dr_key = format!("{COPY_REGION}=alias/jbake-dr");
-    let build = |key: &str, secret: &str| {
-        boot.set(BOOTING);
-        let mut c = build_cmd(&moto, &boot.endpoint(), &r, &vm.host, vm.port, &manifest);
+    boot.world(BOOTS_LIKE_EC2);
+    cloud.report_to(&boot);
+    let build = |vm: &Instance, key: &str, secret: &str| {
+        let mut c = tested_build_cmd(&moto, &boot.endpoint(), &r, &vm.host, vm.port, &manifest);
         c.envs(moto.env_with(&boot.endpoint(), key, secret));
         c.args(["--copy-to", COPY_REGION, "--kms-key-id", &dr_key])
             .args(["--share-with", SHARE_WITH]);
@@ -218,9 +223,9 @@ fn iam_build_policy_bakes_an_image_and_a_missing_action_fails_cleanly() {
     };
     eprintln!("set up in {:?}", t0.elapsed());
 
-    // The whole build, as the user holding exactly the build policy.
+    // The whole build with its boot test, as the user holding exactly the build policy.
     let t = Instant::now();
-    let out = run(build(&key, &secret), &["--publish-ssm"]);
+    let out = run(build(&vm, &key, &secret), &["--publish-ssm"]);
     eprintln!("build under the build policy: {:?}", t.elapsed());
     out.assert_code(0);
     let id = build_id_of(&out);
@@ -237,6 +242,7 @@ fn iam_build_policy_bakes_an_image_and_a_missing_action_fails_cleanly() {
         ("jbake:build-id", id.as_str()),
         ("jbake:recipe", "jbake-test"),
         ("jbake:complete", "true"),
+        ("jbake:tested", "true"),
         (
             "jbake:version",
             result["version"].as_str().expect("version"),
@@ -270,11 +276,16 @@ fn iam_build_policy_bakes_an_image_and_a_missing_action_fails_cleanly() {
         Some(copy.clone())
     );
     assert!(moto.resources(COPY_REGION).leftovers_of(None).is_empty());
+    let image_archive = cloud.image_archive(&ami).expect("the image's archive");
     assert_eq!(
-        vm.exec_ok("cat /etc/jbake-built"),
+        String::from_utf8(archive::read(&image_archive, "etc/jbake-built").expect("marked"))
+            .expect("UTF-8")
+            .trim(),
         result["version"].as_str().expect("version")
     );
-    assert_eq!(cloud.served().len(), 1, "{:?}", cloud.errors());
+    // The build instance and the boot test's.
+    assert_eq!(cloud.served().len(), 2, "{:?}", cloud.errors());
+    drop(cloud);
 
     // One action less (and --subnet-id, so the build also looks the subnet up): the build
     // fails at that call, says what is missing, and removes what it made, image included.
@@ -285,10 +296,14 @@ fn iam_build_policy_bakes_an_image_and_a_missing_action_fails_cleanly() {
         .map(|i| i.id.clone())
         .collect();
     let snapshots_before: BTreeSet<String> = res.snapshots.iter().map(|s| s.id.clone()).collect();
+    // On a second build machine: the first one is an image now.
+    let vm2 = Instance::builder("iam-build2").up();
+    let cloud2 = CloudInit::for_instance(&moto, &vm2);
+    cloud2.report_to(&boot);
     let t = Instant::now();
     // (Published under another prefix: the parameter it creates is deleted again.)
     let denied = run(
-        build(&no_tags_key, &no_tags_secret),
+        build(&vm2, &no_tags_key, &no_tags_secret),
         &[
             "--force",
             "--subnet-id",

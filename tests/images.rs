@@ -1,10 +1,12 @@
 //! The product's images, proven on the instance tier (a real Debian bookworm booted with
 //! systemd-nspawn): `jbake controller` / `jbake agent` run against moto (the AWS APIs) with
 //! SSH going to a fresh instance, where [`CloudInit`] plays cloud-init's part for the
-//! instance moto launched; the recipe runs, jbake's image hygiene runs, moto gets its image;
-//! then the instance is stopped and "snapshotted" (its root file system archived), and new
-//! instances boot from that archive, with a host folder bound at JENKINS_HOME standing in for
-//! the EFS (NFS cannot be mounted on this kernel).
+//! instance moto launched; the recipe runs, jbake's image hygiene runs, moto gets its image.
+//! Then jbake boot-tests the image: when its test instance is launched, [`CloudInit`] stops the
+//! build instance, "snapshots" it (its root file system archived) and boots a new instance from
+//! the archive, where jbake's checks and the recipe's `test:` run (no EFS there: the controller
+//! must wait for it). New instances boot from the same archive afterwards, with a host folder
+//! bound at JENKINS_HOME standing in for the EFS (NFS cannot be mounted on this kernel).
 //!
 //! The real jenkins.war cannot be downloaded here: the tests build a stand-in
 //! (tests/fixtures/jenkins-standin, a tiny Java HTTP program) with the machine's `javac`,
@@ -14,6 +16,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+
+use sha2::Digest;
 
 use crate::build::{assert_nothing_left, build_id_of, finished};
 use crate::support::archive;
@@ -79,17 +83,19 @@ fn bake(
     args: &[&str],
     moto: &Moto,
     proxy: &FaultProxy,
+    cloud: &CloudInit,
     vm: &Instance,
     vars: &[String],
     manifest: &Path,
 ) -> Run {
-    let mut cmd = bake_command(args, moto, proxy, vm, vars, manifest);
+    let mut cmd = bake_command(args, moto, proxy, cloud, vm, vars, manifest);
     cmd.args(["--output", "json"]);
     Run::from_output(cmd.output().expect("run jbake"))
 }
 
 /// What a successful `jbake controller|agent` made in moto: an available image of `recipe`,
-/// named by its version and tagged; nothing else left. Returns the image id.
+/// named by its version and tagged, that passed its boot test; nothing else left (the test
+/// instance, its key pair and group included). Returns the image id.
 #[track_caller]
 fn assert_baked(moto: &Moto, run: &Run, recipe: &str) -> String {
     run.assert_code(0);
@@ -113,6 +119,7 @@ fn assert_baked(moto: &Moto, run: &Run, recipe: &str) -> String {
         ("jbake:recipe", recipe),
         ("jbake:version", version),
         ("jbake:complete", "true"),
+        ("jbake:tested", "true"),
     ] {
         assert_eq!(
             image.tags.get(k).map(String::as_str),
@@ -120,12 +127,71 @@ fn assert_baked(moto: &Moto, run: &Run, recipe: &str) -> String {
             "{k}: {image:?}"
         );
     }
+    for k in [
+        "jbake:tested-at",
+        "jbake:build-host-key",
+        "jbake:build-key",
+        "jbake:build-machine-id",
+    ] {
+        assert!(image.tags.contains_key(k), "{k}: {image:?}");
+    }
+    assert_eq!(result["tested"], true, "{}", run.stdout);
+    let test = run
+        .events()
+        .into_iter()
+        .find(|e| e["event"] == "test_finished")
+        .unwrap_or_else(|| panic!("no test_finished event: {}", run.stdout));
+    assert_eq!(test["passed"], true, "{test}");
+    let checks: Vec<String> = test["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .map(|c| {
+            format!(
+                "{} ({} ms)",
+                c["name"].as_str().unwrap_or("?"),
+                c["elapsed_ms"]
+            )
+        })
+        .collect();
+    eprintln!(
+        "images: boot test of {ami} passed in {} ms: {}",
+        test["elapsed_ms"],
+        checks.join(", ")
+    );
     assert_nothing_left(moto, &id);
     ami
 }
 
-/// Builds the controller image once with `jbake controller` (steps, validate, image hygiene),
-/// then stops the instance and "snapshots" it. Returns the archive.
+/// What the image hygiene promised, in the image itself (the archive of its root file system):
+/// no host key, an empty machine id, no key authorized for the login user (the harness's own
+/// came off before the archive was made; the build's key pair was never left).
+fn assert_hygiene(archive: &Path, user: &str) {
+    let files = archive::list(archive);
+    let host_keys: Vec<&String> = files
+        .iter()
+        .filter(|f| f.starts_with("etc/ssh/ssh_host_"))
+        .collect();
+    assert!(
+        host_keys.is_empty(),
+        "host keys in the image: {host_keys:?}"
+    );
+    assert_eq!(
+        archive::read(archive, "etc/machine-id").as_deref(),
+        Some(&b""[..]),
+        "/etc/machine-id is empty"
+    );
+    let keys =
+        archive::read(archive, &format!("home/{user}/.ssh/authorized_keys")).unwrap_or_default();
+    assert!(
+        keys.is_empty(),
+        "keys authorized in the image: {}",
+        String::from_utf8_lossy(&keys)
+    );
+}
+
+/// Builds the controller image once with `jbake controller` (steps, validate, image hygiene,
+/// the boot test on an instance booted from its archive). Returns the archive.
 fn bake_controller(work: &Path, efs_fstype: &str, moto: &Moto) -> PathBuf {
     let sha = build_standin(work);
     let t = Instant::now();
@@ -139,7 +205,7 @@ fn bake_controller(work: &Path, efs_fstype: &str, moto: &Moto) -> PathBuf {
     let args = ["controller", "--efs-id", EFS_ID];
 
     let t = Instant::now();
-    let run = bake(&args, moto, &proxy, &vm, &vars, &manifest);
+    let run = bake(&args, moto, &proxy, &cloud, &vm, &vars, &manifest);
     let ami = assert_baked(moto, &run, "jenkins-controller");
     eprintln!(
         "images: jbake controller in {:.1?} (Java via apt {:.1}s, curl+nfs-common {:.1}s) -> {ami}",
@@ -150,10 +216,21 @@ fn bake_controller(work: &Path, efs_fstype: &str, moto: &Moto) -> PathBuf {
     for (n, status) in run.statuses() {
         assert_ne!(status, "failed", "step {n}: {}", run.stdout);
     }
-    assert_eq!(cloud.served().len(), 1, "{:?}", cloud.served());
+    // The build instance, then the boot test's, booted from the image.
+    let served = cloud.served();
+    assert_eq!(served.len(), 2, "{served:?}");
+    assert!(
+        served[0].booted.is_none() && served[1].booted.is_some(),
+        "{served:?}"
+    );
+    assert_eq!(served[1].image_id, ami);
+    assert!(
+        cloud.booted_running().is_empty(),
+        "the test instance's machine is gone"
+    );
 
     // The same inputs again (the nightly cron): the image exists, nothing is launched.
-    let again = bake(&args, moto, &proxy, &vm, &vars, &manifest);
+    let again = bake(&args, moto, &proxy, &cloud, &vm, &vars, &manifest);
     again.assert_code(0);
     assert_eq!(
         finished(&again)["skipped_unchanged"],
@@ -162,24 +239,32 @@ fn bake_controller(work: &Path, efs_fstype: &str, moto: &Moto) -> PathBuf {
         again.stdout
     );
     assert_eq!(finished(&again)["ami_id"], ami.as_str());
-    assert_eq!(cloud.served().len(), 1, "no instance launched");
+    assert_eq!(finished(&again)["tested"], true);
+    assert_eq!(cloud.served().len(), 2, "no instance launched");
 
-    // Nothing ran and nothing was mounted at build time.
-    assert_eq!(
-        vm.exec_ok("sha256sum /usr/share/java/jenkins.war | cut -d' ' -f1"),
-        sha
-    );
-    assert_eq!(vm.exec_ok("id -u jenkins"), JENKINS_UID.to_string());
-    assert!(!vm
-        .exec("systemctl is-active --quiet jenkins.service")
-        .status
-        .success());
-    assert_eq!(vm.exec_ok("ls -A /var/lib/jenkins"), "");
-    assert!(!vm.exec("mountpoint -q /var/lib/jenkins").status.success());
-
-    drop((www, cloud));
+    // The image (what the harness archived when the test instance was launched): the verified
+    // war, the fixed uid, an empty mount point (nothing ran and nothing was mounted at build
+    // time), and nothing of the build's access.
+    let image = cloud.image_archive(&ami).expect("the image's archive");
     let archive = work.join("controller.tar.zst");
-    snapshot_image(vm, &archive);
+    std::fs::copy(&image, &archive).expect("keep the archive");
+    let war = archive::read(&archive, "usr/share/java/jenkins.war").expect("the war");
+    assert_eq!(format!("{:x}", sha2::Sha256::digest(&war)), sha);
+    let passwd =
+        String::from_utf8(archive::read(&archive, "etc/passwd").expect("passwd")).expect("UTF-8");
+    assert!(
+        passwd
+            .lines()
+            .any(|l| l.starts_with(&format!("jenkins:x:{JENKINS_UID}:"))),
+        "{passwd}"
+    );
+    let home: Vec<String> = archive::list(&archive)
+        .into_iter()
+        .filter(|f| f.starts_with("var/lib/jenkins/"))
+        .collect();
+    assert_eq!(home, ["var/lib/jenkins/"], "nothing in the mount point");
+    assert_hygiene(&archive, &vm.user);
+    drop((www, cloud, vm));
     archive
 }
 
@@ -210,15 +295,23 @@ fn rebuild_with_a_wrong_checksum(
         &["controller", "--efs-id", EFS_ID],
         moto,
         &proxy,
+        &cloud,
         from_image,
         &vars,
         &work.join("manifest.json"),
     );
     bad.assert_code(1);
+    // The war's step, wherever the recipe's earlier steps (upgrades, …) put it.
+    let war_step = bad
+        .statuses()
+        .into_iter()
+        .find(|(_, s)| s == "failed")
+        .map(|(n, _)| n)
+        .unwrap_or_else(|| panic!("no failed step: {}", bad.stdout));
     assert!(
-        bad.stderr
-            .contains("step 6 'Jenkins 2.479.3 war, SHA-256 verified' (")
-            && bad.stderr.contains("recipes/controller.yaml:")
+        bad.stderr.contains(&format!(
+            "step {war_step} 'Jenkins 2.479.3 war, SHA-256 verified' ("
+        )) && bad.stderr.contains("recipes/controller.yaml:")
             && bad.stderr.contains(") exited 1 (attempt 3 of 3) on i-"),
         "{}",
         bad.stderr
@@ -566,46 +659,6 @@ fn ssh_as(vm: &Instance, user: &str, key: &Path) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// Stops `vm` and writes its root file system to `archive`, the "AMI", after checking that
-/// jbake's image hygiene left nothing of the build's access on it.
-fn snapshot_image(mut vm: Instance, archive: &Path) {
-    // The stand-in's own login key (the harness's way in, which a real base AMI does not
-    // have) is the only one left; the build's key pair is gone.
-    let harness_pub =
-        std::fs::read_to_string(format!("{}.pub", vm.identity.display())).expect("client key");
-    let harness_key = harness_pub
-        .split_whitespace()
-        .nth(1)
-        .expect("key body")
-        .to_string();
-    let keys = vm.exec_ok(&format!("cat /home/{}/.ssh/authorized_keys", vm.user));
-    assert!(
-        keys.lines().all(|l| l.contains(&harness_key)),
-        "the build's login key is still authorized: {keys}"
-    );
-    assert_eq!(
-        vm.exec_ok("ls /etc/ssh | grep -c '^ssh_host_' || true"),
-        "0"
-    );
-    assert_eq!(vm.exec_ok("wc -c < /etc/machine-id"), "0");
-    vm.exec_ok(&format!(
-        "f=/home/{}/.ssh/authorized_keys; grep -vF '{harness_key}' $f > $f.new || true; cat $f.new > $f; rm $f.new",
-        vm.user
-    ));
-    vm.stop();
-    let t = Instant::now();
-    vm.snapshot(archive);
-    eprintln!(
-        "images: snapshot {} in {:.1?}, {} MB",
-        archive.display(),
-        t.elapsed(),
-        std::fs::metadata(archive)
-            .map(|m| m.len() / 1_000_000)
-            .unwrap_or(0)
-    );
-    vm.down();
-}
-
 #[test]
 fn images_agent_accepts_the_controller_key_from_ssm_and_follows_its_rotation() {
     if !prerequisites() {
@@ -630,6 +683,7 @@ fn images_agent_accepts_the_controller_key_from_ssm_and_follows_its_rotation() {
         &["agent"],
         &moto,
         &proxy,
+        &cloud,
         &vm,
         // The default tool list (the original's: pip, boto3, awscli, ansible, ...): about 50 s
         // of apt, while the controller test waits out its 90 s mount timeout in parallel.
@@ -637,7 +691,10 @@ fn images_agent_accepts_the_controller_key_from_ssm_and_follows_its_rotation() {
         &work.path().join("manifest.json"),
     );
     let ami = assert_baked(&moto, &run, "jenkins-agent");
-    assert_eq!(cloud.served().len(), 1, "{:?}", cloud.served());
+    assert_eq!(cloud.served().len(), 2, "{:?}", cloud.served());
+    let image = cloud.image_archive(&ami).expect("the image's archive");
+    let archive = work.path().join("agent.tar.zst");
+    std::fs::copy(&image, &archive).expect("keep the archive");
     drop(cloud);
     eprintln!(
         "images: jbake agent in {:.1?} -> {ami} (Java via apt {:.1}s, git and tools {:.1}s)",
@@ -645,12 +702,15 @@ fn images_agent_accepts_the_controller_key_from_ssm_and_follows_its_rotation() {
         step_secs(&run, "Install Java"),
         step_secs(&run, "git and the build tools")
     );
-    assert!(!vm
-        .exec("test -e /home/jenkins/.ssh/authorized_keys || test -e /etc/ssh/authorized_keys/jenkins")
-        .status
-        .success());
-    let archive = work.path().join("agent.tar.zst");
-    snapshot_image(vm, &archive);
+    let files = archive::list(&archive);
+    for key in [
+        "home/jenkins/.ssh/authorized_keys",
+        "etc/ssh/authorized_keys/jenkins",
+    ] {
+        assert!(!files.iter().any(|f| f == key), "{key} in the image");
+    }
+    assert_hygiene(&archive, &vm.user);
+    drop(vm);
     let keys = archive::private_keys(&archive);
     assert!(keys.is_empty(), "private keys in the agent image: {keys:?}");
     let reader = ssm_reader(&moto);

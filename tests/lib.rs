@@ -5,7 +5,9 @@ mod support;
 
 mod apply;
 mod apply_instance;
+mod boot_test;
 mod build;
+mod deploy;
 mod distribute;
 mod handover;
 mod harness;
@@ -14,6 +16,8 @@ mod iam;
 mod images;
 mod install;
 mod keys;
+mod keys_instance;
+mod nightly;
 mod prune;
 mod roll;
 mod security;

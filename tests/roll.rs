@@ -31,10 +31,10 @@ use crate::support::moto::{Moto, REGION};
 pub(crate) const GROUP: &str = "jenkins";
 const CREDS_PARAM: &str = "/jenkins/api-credentials";
 const TOKEN: &str = "11d0c0ffee5ecret7oken";
-const EFS: &str = "fs-0123456789abcdef0";
+pub(crate) const EFS: &str = "fs-0123456789abcdef0";
 
 /// Runs `tests/support/roll_fixture.py` against moto with `env`.
-fn fixture_py(env: &[(String, String)], command: &str, args: Value) -> Value {
+pub(crate) fn fixture_py(env: &[(String, String)], command: &str, args: Value) -> Value {
     let mut cmd = Command::new("python3");
     cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/roll_fixture.py"))
         .arg(command)
@@ -163,6 +163,10 @@ pub(crate) struct JState {
     /// Who holds each home's lease.
     leases: HashMap<String, String>,
     images: HashMap<String, ImageModel>,
+    /// How an image with no model behaves (None: as an unknown Jenkins).
+    default_model: Option<ImageModel>,
+    /// Instances launched from these AMIs are not controllers (a bake's build instances).
+    not_controllers: Vec<String>,
     /// What happened, in order: `(ms since the world started, what)`.
     timeline: Vec<(u128, String)>,
     /// The most controllers that served one home at the same moment.
@@ -295,10 +299,15 @@ impl JState {
         match event {
             "launched" => {
                 let ami = ami.unwrap_or_default().to_string();
+                if self.not_controllers.contains(&ami) {
+                    self.log(format!("{id} launched from {ami} (not a controller)"));
+                    return;
+                }
                 let model = self
                     .images
                     .get(&ami)
                     .cloned()
+                    .or_else(|| self.default_model.clone())
                     .unwrap_or_else(|| ImageModel::new("unknown"));
                 self.log(format!("{id} launched from {ami}"));
                 self.controllers.push(Controller {
@@ -380,6 +389,8 @@ impl World {
                 controllers: Vec::new(),
                 leases: HashMap::new(),
                 images: HashMap::new(),
+                default_model: None,
+                not_controllers: Vec::new(),
                 timeline: Vec::new(),
                 max_serving: 0,
                 t0: Instant::now(),
@@ -439,6 +450,16 @@ impl World {
 
     fn image(&self, ami: &str, model: ImageModel) {
         self.with(|s| s.images.insert(ami.to_string(), model));
+    }
+
+    /// Images made during the test (a bake's) behave as `model`.
+    pub(crate) fn default_image(&self, model: ImageModel) {
+        self.with(|s| s.default_model = Some(model));
+    }
+
+    /// Instances launched from `ami` (a bake's base image) are not controllers.
+    pub(crate) fn not_controllers_from(&self, ami: &str) {
+        self.with(|s| s.not_controllers.push(ami.to_string()));
     }
 
     /// The controller that runs at set-up (launched before the world was listening): it serves
@@ -721,6 +742,8 @@ pub(crate) fn controller_tags<'a>(
         ("jbake:recipe", "jenkins-controller"),
         ("jbake:version", version),
         ("jbake:complete", "true"),
+        // It passed its boot test (`jbake roll` refuses an untested image by default).
+        ("jbake:tested", "true"),
         ("jbake:efs-id", EFS),
         ("jbake:efs-path", "/"),
         ("jbake:home-lease", "1"),
@@ -1360,6 +1383,70 @@ fn roll_refuses_what_cannot_be_made_safe_before_any_change() {
         "{}",
         two.stderr
     );
+}
+
+#[test]
+fn roll_takes_the_newest_tested_image_and_refuses_untested_and_failed_ones() {
+    let f = fixture("1");
+    // Newer than f.new_ami (2026.11.28-1): one never tested, one that failed its boot test.
+    let mut untested_tags = controller_tags("2026.11.29-1", &[]);
+    untested_tags.retain(|(k, _)| *k != "jbake:tested");
+    let untested = f
+        .moto
+        .create_image_fixture("jenkins-controller-2026.11.29-1", &untested_tags);
+    f.jenkins.image(&untested, ImageModel::new("2.479.3"));
+    let failed = f.moto.create_image_fixture(
+        "jenkins-controller-2026.11.30-1",
+        &controller_tags(
+            "2026.11.30-1",
+            &[
+                ("jbake:tested", "false"),
+                ("jbake:tested-at", "2026-11-30T03:04:05Z"),
+            ],
+        ),
+    );
+    f.jenkins.image(&failed, ImageModel::new("2.479.3"));
+    let chosen = |extra: &[&str]| {
+        let mut args = vec!["--dry-run", "--output", "json"];
+        args.extend_from_slice(extra);
+        let run = f.roll(&args);
+        run.assert_code(0);
+        let events = run.events();
+        let plan = events
+            .iter()
+            .find(|e| e["event"] == "plan")
+            .unwrap_or_else(|| panic!("no plan event: {}", run.stdout));
+        plan["result"]["new"]["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    f.moto.start_recording();
+    // By default the newest image that passed its boot test; with --allow-untested the newest
+    // that did not fail it; never the one that failed.
+    assert_eq!(chosen(&[]), f.new_ami);
+    assert_eq!(chosen(&["--allow-untested"]), untested);
+    assert_eq!(chosen(&["--ami", &untested, "--allow-untested"]), untested);
+    let refused_untested = f.roll(&["--yes", "--ami", &untested]);
+    let refused_failed = f.roll(&["--yes", "--ami", &failed]);
+    let refused_failed_anyway = f.roll(&["--yes", "--ami", &failed, "--allow-untested"]);
+    f.moto.stop_recording();
+    for (run, want) in [
+        (&refused_untested, "has no boot test result"),
+        (&refused_untested, "jbake test "),
+        (&refused_untested, "--allow-untested"),
+        (
+            &refused_failed,
+            "failed its boot test (jbake:tested=false at 2026-11-30T03:04:05Z)",
+        ),
+        (&refused_failed, "never rolled out"),
+        (&refused_failed_anyway, "failed its boot test"),
+    ] {
+        run.assert_code(2);
+        assert!(run.stderr.contains(want), "{want}: {}", run.stderr);
+    }
+    assert_eq!(writes(&f.moto.recorded_actions()), Vec::<String>::new());
+    assert_untouched(&f, "1");
 }
 
 /// Runs `jbake roll EXTRA` on a pseudo-terminal (util-linux `script`); when the confirmation
@@ -2365,4 +2452,40 @@ fn roll_without_a_reachable_jenkins_refuses_unless_no_drain() {
     assert_eq!(running.len(), 1, "{running:?}");
     assert_eq!(running[0].1, f.new_ami);
     assert_serving(&f, &f.new_ami);
+}
+
+/// A roll run by a Jenkins build (a Jenkinsfile's `jbake nightly --roll`): the drain does not
+/// wait for that build (`--ignore-build`), and the old Jenkins is stopped with `/exit`, since
+/// `/safeExit` would wait for that very build for ever (a pipeline is saved and resumes on the
+/// new controller). Another build still running is waited for as always.
+#[test]
+fn roll_ignores_the_build_that_runs_it_and_stops_jenkins_at_once() {
+    let f = fixture("1");
+    f.jenkins.with(|s| s.busy = 1);
+    let own = "http://jenkins/job/build/1/";
+    let run = f.roll(&["--yes", "--ignore-build", own]);
+    run.assert_code(0);
+    assert!(
+        run.stdout.contains("rolled group jenkins"),
+        "{}",
+        run.stdout
+    );
+    let calls = f.jenkins.calls();
+    assert!(calls.contains(&"POST /exit".to_string()), "{calls:?}");
+    assert!(!calls.contains(&"POST /safeExit".to_string()), "{calls:?}");
+    assert_eq!(f.running().len(), 1);
+    assert_eq!(f.running()[0].1, f.new_ami);
+
+    // Two builds run: only the roll's own is ignored; the drain waits for the other.
+    let g = fixture("1");
+    g.jenkins.with(|s| s.busy = 2);
+    let timed_out = g.roll(&["--yes", "--ignore-build", own, "--drain-timeout", "3s"]);
+    timed_out.assert_code(1);
+    assert!(
+        timed_out
+            .stderr
+            .contains("1 build(s) running: http://jenkins/job/build/2/"),
+        "{}",
+        timed_out.stderr
+    );
 }

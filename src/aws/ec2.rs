@@ -415,6 +415,7 @@ impl Ec2 {
     pub async fn create_security_group(
         &self,
         name: &str,
+        description: &str,
         vpc_id: &str,
         tags: &Tags,
     ) -> Result<String, Error> {
@@ -422,7 +423,7 @@ impl Ec2 {
             .client
             .create_security_group()
             .group_name(name)
-            .description("jbake build: SSH from the builder only (temporary)")
+            .description(description)
             .vpc_id(vpc_id)
             .tag_specifications(tag_spec(ResourceType::SecurityGroup, tags))
             .send()
@@ -522,6 +523,45 @@ impl Ec2 {
             vec![tag_filter(tag, None)],
         )
         .await
+    }
+
+    /// Removes every outbound rule of the group (a new group allows all outbound traffic):
+    /// an instance in it can answer SSH and reach nothing. Its egress rules as EC2 shows them
+    /// are revoked; a group with none left is done.
+    pub async fn revoke_all_egress(&self, group_id: &str) -> Result<(), Error> {
+        let out = self
+            .client
+            .describe_security_groups()
+            .group_ids(group_id)
+            .send()
+            .await
+            .map_err(|e| {
+                self.err(
+                    format!("DescribeSecurityGroups {group_id}"),
+                    e.into_service_error(),
+                )
+            })?;
+        let rules: Vec<IpPermission> = out
+            .security_groups()
+            .iter()
+            .flat_map(|g| g.ip_permissions_egress().iter().cloned())
+            .collect();
+        if rules.is_empty() {
+            return Ok(());
+        }
+        self.client
+            .revoke_security_group_egress()
+            .group_id(group_id)
+            .set_ip_permissions(Some(rules))
+            .send()
+            .await
+            .map_err(|e| {
+                self.err(
+                    format!("RevokeSecurityGroupEgress {group_id}"),
+                    e.into_service_error(),
+                )
+            })?;
+        Ok(())
     }
 
     pub async fn delete_security_group(&self, id: &str) -> Result<(), Error> {

@@ -34,11 +34,21 @@ pub fn user_data(
 }
 
 /// The image hygiene script, run as root as the last thing on the instance: the image must not
-/// carry the build's access. `client_key_b64` is the base64 part of the temporary public key.
-pub fn hygiene_script(client_key_b64: &str) -> String {
+/// carry the build's access. `client_key_b64` is the base64 part of the temporary public key,
+/// `host_key_b64` that of the one-time host key jbake gave the instance in its user data: the
+/// script scrubs a machine only if its sshd's own ed25519 host key is that one (a machine
+/// reached by mistake — a test's sshd on the developer's machine, a wrong `--ssh-host` behind
+/// a tunnel presenting the right key — is refused, not wiped).
+pub fn hygiene_script(client_key_b64: &str, host_key_b64: &str) -> String {
     let key = shell_quote(client_key_b64);
+    let host = shell_quote(host_key_b64);
     format!(
         r#"set -e
+# Only the instance jbake launched: cloud-init wrote the user data's host key here.
+if ! grep -qF {host} /etc/ssh/ssh_host_ed25519_key.pub 2>/dev/null; then
+  echo "refusing to scrub this machine: /etc/ssh/ssh_host_ed25519_key.pub is not the one-time host key jbake gave the instance it launched (is SSH reaching another machine, e.g. through --ssh-host?)" >&2
+  exit 3
+fi
 # The build's temporary login key, wherever cloud-init put it.
 for f in /root/.ssh/authorized_keys /home/*/.ssh/authorized_keys; do
   [ -f "$f" ] || continue
@@ -109,7 +119,17 @@ mod tests {
 
     #[test]
     fn hygiene_removes_the_build_key_only() {
-        let s = hygiene_script("AAAAC3NzaC1lZDI1NTE5AAAAIJdD");
+        let s = hygiene_script(
+            "AAAAC3NzaC1lZDI1NTE5AAAAIJdD",
+            "AAAAC3NzaC1lZDI1NTE5AAAAHost",
+        );
+        assert!(
+            s.starts_with("set -e\n# Only the instance jbake launched")
+                && s.contains(
+                    "grep -qF AAAAC3NzaC1lZDI1NTE5AAAAHost /etc/ssh/ssh_host_ed25519_key.pub"
+                ),
+            "{s}"
+        );
         assert!(s.contains("grep -vF AAAAC3NzaC1lZDI1NTE5AAAAIJdD"));
         assert!(s.contains("rm -f /etc/ssh/ssh_host_*"));
         assert!(s.contains("! -path \"$JBAKE_TMP\""));

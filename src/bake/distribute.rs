@@ -756,10 +756,6 @@ pub fn may_publish(
     }
     match build {
         BootTest::Passed => Ok(None),
-        BootTest::Failed => Err("its boot test failed: it is never published".to_string()),
-        BootTest::Absent => Ok(Some(
-            "the recipe has no boot test: the image is published untested".to_string(),
-        )),
         BootTest::Pending if allow_untested => Ok(Some(format!(
             "the image is not tested ({} is not true): published anyway (--allow-untested)",
             tags::TESTED
@@ -1123,16 +1119,11 @@ mod tests {
         );
         assert!(may_publish(BootTest::Passed, Some("false"), true).is_err());
         assert_eq!(may_publish(BootTest::Passed, None, false), Ok(None));
-        assert!(may_publish(BootTest::Failed, None, true).is_err());
         assert!(may_publish(BootTest::Pending, None, false)
             .unwrap_err()
             .contains("--allow-untested"));
         assert!(matches!(
             may_publish(BootTest::Pending, None, true),
-            Ok(Some(_))
-        ));
-        assert!(matches!(
-            may_publish(BootTest::Absent, None, false),
             Ok(Some(_))
         ));
     }

@@ -30,6 +30,9 @@ pub enum Error {
     Refused(#[from] super::distribute::Refusal),
     #[error(transparent)]
     Distribute(#[from] super::distribute::Error),
+    /// `jbake test`: the image cannot be tested.
+    #[error(transparent)]
+    Retest(#[from] super::retest::Refusal),
     /// A flag's value cannot work (checked before any AWS call).
     #[error("{flag} {value}: {why}")]
     Option {
@@ -58,6 +61,29 @@ pub enum Error {
          why: aws ec2 get-console-output --instance-id {id})"
     )]
     InstanceGone { id: String, state: String },
+    #[error("{}", test_failed(.image, .name, *.checks, .failures, *.kept))]
+    TestFailed {
+        image: String,
+        name: String,
+        /// How many checks ran.
+        checks: usize,
+        /// Each failed check, with what it printed last.
+        failures: Vec<String>,
+        /// The image is kept (tagged `jbake:tested=false`).
+        kept: bool,
+    },
+    #[error(
+        "boot test of {image}: its test instance {instance} could not be reached ({source}). \
+         Either the image does not boot to sshd, or jbake cannot reach the instance \
+         (--ssh-interface, --subnet-id, --bastion); its console output may say which: aws ec2 \
+         get-console-output --instance-id {instance} (--on-error abort keeps it)"
+    )]
+    TestUnreachable {
+        image: String,
+        instance: String,
+        #[source]
+        source: Box<exec::Error>,
+    },
     #[error("image {id} is {state}: EC2 could not make it")]
     ImageFailed { id: String, state: String },
     #[error(
@@ -75,6 +101,26 @@ pub enum Error {
         state: String,
         waited: Duration,
     },
+}
+
+fn test_failed(image: &str, name: &str, checks: usize, failures: &[String], kept: bool) -> String {
+    let mut s = format!(
+        "image {image} ({name}) failed its boot test: {} of {checks} checks failed",
+        failures.len()
+    );
+    for f in failures {
+        s.push('\n');
+        s.push_str(f);
+    }
+    s.push('\n');
+    s.push_str(if kept {
+        "the image is kept for debugging, tagged jbake:tested=false: `jbake roll` never rolls it \
+         out and `jbake prune` removes it (launch an instance of it to look; --on-error abort \
+         also keeps the test instance)"
+    } else {
+        "the image was removed with the rest"
+    });
+    s
 }
 
 impl From<exec::Error> for Error {

@@ -6,11 +6,13 @@
 //! latest `jbake:expires-at` of the build is past), started longer ago than `--older-than`, or
 //! the one `--build-id`. A tag is not proof: a part is removed only if it also looks like what
 //! jbake makes — the key pair and security group are named `jbake-<build id>`, the instance uses
-//! that key pair and is named `jbake build <recipe> <build id>`, a half-made image is named
-//! `<recipe>-<version>` after its own tags, a snapshot was made by CreateImage for an image that
-//! is gone or is removed with it. What fails a check is left and reported, with why.
+//! that key pair and is named `jbake build <recipe> <build id>` (the boot test's: key pair and
+//! group `jbake-<build id>-test`, instance `jbake test <recipe> <build id>`), a half-made image is
+//! named `<recipe>-<version>` after its own tags, a snapshot was made by CreateImage for an image
+//! that is gone or is removed with it. What fails a check is left and reported, with why.
 //!
-//! Never removed: finished images (`jbake:complete` not `false`) and their snapshots. Left alone
+//! Never removed: finished images (`jbake:complete` not `false`) and their snapshots; one that
+//! failed its boot test is finished too (`jbake:tested=false`: `jbake prune` removes it). Left alone
 //! (and reported) by `jbake gc`: a build still making its image — an instance `pending` or
 //! `stopping`, or an image `pending` — even when it looks expired: jbake moves `expires-at` on
 //! while it waits for an image, but a build killed in that wait leaves an image EC2 is still
@@ -289,19 +291,25 @@ pub fn decide(listing: &Listing, sel: &Selector, busy: Busy, now: SystemTime) ->
             }
         }
         let key_name = format!("jbake-{id}");
+        let test_name = format!("jbake-{id}-test");
+        let ours = |name: &str| name == key_name || name == test_name;
         for i in &b.instances {
             if i.state == "terminated" {
                 continue;
             }
             let name = i.tag("Name").unwrap_or_default();
-            let named = name.starts_with("jbake build ") && name.ends_with(&format!(" {id}"));
-            if i.key_name.as_deref() != Some(key_name.as_str()) || !named {
+            let named =
+                |prefix: &str| name.starts_with(prefix) && name.ends_with(&format!(" {id}"));
+            let key = i.key_name.as_deref();
+            let looks = (key == Some(key_name.as_str()) && named("jbake build "))
+                || (key == Some(test_name.as_str()) && named("jbake test "));
+            if !looks {
                 skip(
                     &mut found,
                     format!("instance {} (tagged jbake:build-id={id})", i.id),
                     format!(
-                        "jbake's build instances use key pair {key_name} and are named 'jbake build <recipe> {id}'; this one uses {} and is named '{name}'",
-                        i.key_name.as_deref().unwrap_or("no key pair")
+                        "jbake's build instances use key pair {key_name} and are named 'jbake build <recipe> {id}' (its test instances {test_name} and 'jbake test <recipe> {id}'); this one uses {} and is named '{name}'",
+                        key.unwrap_or("no key pair")
                     ),
                 );
                 continue;
@@ -366,14 +374,14 @@ pub fn decide(listing: &Listing, sel: &Selector, busy: Busy, now: SystemTime) ->
             }
         }
         for g in &b.groups {
-            if g.name != key_name {
+            if !ours(&g.name) {
                 skip(
                     &mut found,
                     format!(
                         "security group {} ({}, tagged jbake:build-id={id})",
                         g.id, g.name
                     ),
-                    format!("jbake names a build's security group {key_name}"),
+                    format!("jbake names a build's security group {key_name} (or {test_name})"),
                 );
                 continue;
             }
@@ -387,11 +395,11 @@ pub fn decide(listing: &Listing, sel: &Selector, busy: Busy, now: SystemTime) ->
             ));
         }
         for k in &b.key_pairs {
-            if k.name != key_name {
+            if !ours(&k.name) {
                 skip(
                     &mut found,
                     format!("key pair {} (tagged jbake:build-id={id})", k.name),
-                    format!("jbake names a build's key pair {key_name}"),
+                    format!("jbake names a build's key pair {key_name} (or {test_name})"),
                 );
                 continue;
             }
@@ -642,6 +650,63 @@ mod tests {
             Some("ami-2")
         );
         assert_eq!(snapshot_of("my backup"), None);
+    }
+
+    #[test]
+    fn the_boot_test_s_instance_group_and_key_pair_are_the_build_s() {
+        let tags = build_tags(B2, "2026-11-28T10:00:00Z", "2026-11-28T11:00:00Z");
+        let mut test = instance("i-2", B2, "running", &tags);
+        test.key_name = Some(format!("jbake-{B2}-test"));
+        test.tags.retain(|(k, _)| k != "Name");
+        test.tags
+            .push(("Name".into(), format!("jbake test r {B2}")));
+        // A test instance's name with the build's key pair is not jbake's.
+        let mut odd = test.clone();
+        odd.id = "i-3".into();
+        odd.key_name = Some(format!("jbake-{B2}"));
+        let l = Listing {
+            instances: vec![instance("i-1", B2, "stopped", &tags), test, odd],
+            groups: vec![
+                tagged("sg-1", &format!("jbake-{B2}"), &tags),
+                tagged("sg-2", &format!("jbake-{B2}-test"), &tags),
+            ],
+            key_pairs: vec![
+                tagged(&format!("jbake-{B2}"), &format!("jbake-{B2}"), &tags),
+                tagged(
+                    &format!("jbake-{B2}-test"),
+                    &format!("jbake-{B2}-test"),
+                    &tags,
+                ),
+            ],
+            // An image that failed its boot test is finished: kept.
+            images: vec![image(
+                "ami-1",
+                "r-2026.11.28-1",
+                "available",
+                "true",
+                &["snap-1"],
+                &tags,
+            )],
+            snapshots: vec![tagged(
+                "snap-1",
+                "Created by CreateImage(i-1) for ami-1",
+                &tags,
+            )],
+        };
+        let found = decide(&l, &Selector::default(), Busy::Spare, now());
+        assert_eq!(
+            names(&found),
+            [
+                "instance i-1".to_string(),
+                "instance i-2".to_string(),
+                "security group sg-1".to_string(),
+                "security group sg-2".to_string(),
+                format!("key pair jbake-{B2}"),
+                format!("key pair jbake-{B2}-test"),
+            ]
+        );
+        assert_eq!(found.skipped.len(), 1, "{:?}", found.skipped);
+        assert!(found.skipped[0].what.starts_with("instance i-3"));
     }
 
     #[test]

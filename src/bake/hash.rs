@@ -52,6 +52,9 @@ pub struct Inputs {
     volume_gb: u32,
     vars: BTreeMap<String, String>,
     tags: BTreeMap<String, String>,
+    /// The `facts:` commands (not their output: that is read on the machine).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    facts: Vec<(String, String)>,
     steps: Vec<StepInputs>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     extra: BTreeMap<String, Value>,
@@ -115,7 +118,10 @@ impl Inputs {
         let secrets = plan.secrets();
         let m = |s: &str| mask(s, &secrets);
         let mut steps = Vec::new();
-        for step in plan.all_steps() {
+        // The boot test's checks too: new checks are a new image to test (the nightly bakes
+        // and tests it instead of calling the old one unchanged). A recipe without `test:`
+        // hashes as before.
+        for step in plan.all_steps().chain(plan.test.iter()) {
             steps.push(step_inputs(step, &m)?);
         }
         Ok(Inputs {
@@ -138,6 +144,11 @@ impl Inputs {
                 })
                 .collect(),
             tags: plan.tags.iter().cloned().collect(),
+            facts: plan
+                .facts
+                .iter()
+                .map(|f| (f.key.clone(), m(&f.script)))
+                .collect(),
             steps,
             extra: BTreeMap::new(),
         })
@@ -229,6 +240,7 @@ fn step_inputs(step: &Step, m: &impl Fn(&str) -> String) -> Result<StepInputs, H
         phase: match step.phase {
             Phase::Steps => "steps",
             Phase::Validate => "validate",
+            Phase::Test => "test",
         },
         action,
         user: step.user.clone(),
@@ -267,9 +279,13 @@ fn tree(path: &Path, rel: String, out: &mut Vec<Entry>) -> Result<(), HashError>
             tree(&path.join(&name), child, out)?;
         }
     } else {
+        // Executable or not, as git keeps it: the rest of the mode depends on the umask of
+        // whoever checked out (or extracted) the files, and changes nothing on the machine
+        // (an upload's mode is its `mode:`, else 0644).
+        let executable = meta.permissions().mode() & 0o111 != 0;
         out.push(Entry {
             path: rel,
-            mode: Some(meta.permissions().mode() & 0o7777),
+            mode: Some(if executable { 0o755 } else { 0o644 }),
             sha256: sha256(&std::fs::read(path).map_err(fail)?),
         });
     }

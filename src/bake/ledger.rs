@@ -217,6 +217,46 @@ impl Ledger {
             .collect()
     }
 
+    /// Undoes the live ones of `entries` now, newest first (the boot test's instance, group and
+    /// key pair, once the test is over: not left running while later stages work). What cannot
+    /// be removed stays live, for the cleanup to try again and report; returns how many.
+    pub async fn undo_now(&self, aws: &Aws, progress: &Progress, entries: &[Entry]) -> usize {
+        let mut order: Vec<Entry> = entries.to_vec();
+        order.sort_by_key(|e| std::cmp::Reverse(e.0));
+        let mut failed = 0;
+        for e in order {
+            let Some(record) = self
+                .lock()
+                .get(e.0)
+                .filter(|r| r.state == State::Live)
+                .cloned()
+            else {
+                continue;
+            };
+            progress.info("cleanup", &format!("removing {}", record.resource));
+            let how = Undo {
+                build_id: &self.build_id,
+                created: record.created,
+                seen: record.seen,
+            };
+            match how.undo(aws, &record.resource, progress).await {
+                Ok(()) => {
+                    if let Some(r) = self.lock().get_mut(e.0) {
+                        r.state = State::Gone;
+                    }
+                }
+                Err(err) => {
+                    failed += 1;
+                    progress.warn(&format!(
+                        "could not remove {} yet ({err}); the cleanup tries again",
+                        record.resource
+                    ));
+                }
+            }
+        }
+        failed
+    }
+
     /// Undoes everything live, newest first. Failures are reported and the rest still runs;
     /// what could not be removed is returned (it is tagged, so `jbake gc` finds it).
     pub async fn undo(&self, aws: &Aws, progress: &Progress) -> Vec<(Resource, aws::Error)> {

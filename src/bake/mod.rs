@@ -24,6 +24,7 @@
 //! moves it to the next free number). Both finish; if their inputs were the same, both images
 //! carry the same content hash and the next run's skip-unchanged finds either.
 
+pub mod boot_checks;
 pub mod cleanup;
 pub mod cloud_init;
 pub mod distribute;
@@ -34,6 +35,7 @@ pub mod hash;
 pub mod interrupt;
 pub mod ledger;
 pub mod public_ip;
+pub mod retest;
 pub mod stages;
 pub mod tags;
 pub mod version;
@@ -89,17 +91,34 @@ pub struct BakeOptions {
     /// Reach the instance through this jump host.
     pub jump: Option<Jump>,
     pub force: bool,
+    /// An image of the same inputs older than this does not count as unchanged: it is built
+    /// again, with the distribution's updates of the day (`--max-age`).
+    pub max_age: Option<Duration>,
     pub on_error: OnError,
     pub manifest: PathBuf,
     /// The instance's watchdog: it shuts itself down (and terminates) after this long.
     pub ttl: Duration,
     pub connect_timeout: Duration,
     pub image_timeout: Duration,
+    /// No boot test: the image gets no `jbake:tested` tag (`jbake roll` wants
+    /// `--allow-untested` for it).
+    pub skip_test: bool,
     pub output: Output,
     pub quiet: bool,
     /// Copies, launch permissions, published parameters (`--copy-to`, `--share-with`,
     /// `--publish-ssm`).
     pub distribution: distribute::Distribution,
+    /// Several bakes at once (`jbake nightly`): this one's name in its progress lines.
+    pub label: Option<String>,
+}
+
+impl BakeOptions {
+    fn progress(&self, secrets: Vec<String>) -> Progress {
+        match &self.label {
+            Some(l) => Progress::labelled(self.output, self.quiet, secrets, l),
+            None => Progress::new(self.output, self.quiet, secrets),
+        }
+    }
 }
 
 /// The outcome of a build.
@@ -116,6 +135,8 @@ pub struct Built {
     /// Every region's image id, who may launch it, where it is published.
     #[serde(flatten)]
     pub distributed: distribute::Distributed,
+    /// The boot test's verdict on the image (`jbake:tested`); `None`: not tested.
+    pub tested: Option<bool>,
 }
 
 /// How a bake ended.
@@ -201,7 +222,7 @@ pub async fn bake(opts: BakeOptions, aws: Aws, interrupt: Interrupt) -> Report {
             }
         }
     };
-    let progress = Progress::new(opts.output, opts.quiet, plan.secrets());
+    let progress = opts.progress(plan.secrets());
     progress.info(
         "build",
         &format!("build {build_id} of {} in {}", plan.name, opts.aws.region),
@@ -252,7 +273,7 @@ pub async fn bake(opts: BakeOptions, aws: Aws, interrupt: Interrupt) -> Report {
             (progress, Outcome::Interrupted(why))
         }
         Err(e) => {
-            let progress = Progress::new(opts.output, opts.quiet, plan.secrets());
+            let progress = opts.progress(plan.secrets());
             let what = panic_message(e);
             progress.warn(&format!(
                 "the build stopped on an internal error ({what}); removing what it made"

@@ -6,7 +6,9 @@
 //! security group and instance also carry [`VERSION`]: the version the build plans, which is how
 //! a concurrent build of the same recipe sees that number as taken. On the image and its
 //! snapshots also [`VERSION`], [`CONTENT_HASH`], [`BASE_AMI`], [`JBAKE_VERSION`] and the recipe's
-//! own `tags:`; on the image [`COMPLETE`].
+//! own `tags:`; on the image [`COMPLETE`], the build's one-time identities it must not carry
+//! ([`BUILD_HOST_KEY`], [`BUILD_KEY`], [`BUILD_MACHINE_ID`], set at creation) and, once the boot
+//! test has a verdict, [`TESTED`] and [`TESTED_AT`].
 
 pub const BUILD_ID: &str = "jbake:build-id";
 pub const RECIPE: &str = "jbake:recipe";
@@ -30,6 +32,18 @@ pub const SOURCE_REGION: &str = "jbake:source-region";
 /// On a build's image (from its creation) when it is copied: the regions of its copies,
 /// comma-separated, so that `jbake gc --region R` also looks there for a half-made copy.
 pub const COPY_REGIONS: &str = "jbake:copy-regions";
-/// "true" on an image whose boot test passed (written by the boot-test stage); `jbake copy
-/// --publish-ssm` publishes only such an image (or with `--allow-untested`).
+/// The boot test's verdict on the image: `true` (it passed: rollable), `false` (it failed: never
+/// rolled, `jbake prune` removes it). No tag: not tested (`--skip-test`, or baked before boot
+/// tests), rolled only with `--allow-untested`.
 pub const TESTED: &str = "jbake:tested";
+/// When the verdict was given (RFC 3339).
+pub const TESTED_AT: &str = "jbake:tested-at";
+/// The SHA-256 fingerprint of the build instance's one-time host key (public: every SSH client
+/// sees it): no instance of the image may serve it.
+pub const BUILD_HOST_KEY: &str = "jbake:build-host-key";
+/// The SHA-256 fingerprint of the build's one-time login key: no instance of the image may
+/// accept it.
+pub const BUILD_KEY: &str = "jbake:build-key";
+/// `sha256:` and the SHA-256 of the build instance's machine id (not the id itself: systemd
+/// asks to keep it private): no instance of the image may have it.
+pub const BUILD_MACHINE_ID: &str = "jbake:build-machine-id";

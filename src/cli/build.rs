@@ -77,6 +77,10 @@ pub struct BuildFlags {
     /// --ssh-interface private].
     #[arg(long, value_name = "CIDR", value_parser = parse_cidr)]
     pub ssh_cidr: Option<String>,
+    /// Build again when the image of the same inputs is older than this (e.g. 7d), so that it
+    /// gets the distribution's security updates published since [default: never].
+    #[arg(long, value_name = "DURATION", value_parser = parse_max_age)]
+    pub max_age: Option<Duration>,
     /// Build even if an image with the same content hash exists.
     #[arg(long)]
     pub force: bool,
@@ -95,6 +99,10 @@ pub struct BuildFlags {
     /// How long to wait for the image to become available.
     #[arg(long, value_name = "DURATION", default_value = "60m", value_parser = recipe::parse_duration)]
     pub image_timeout: Duration,
+    /// Do not boot-test the image (an instance of it, checked over SSH): it gets no
+    /// jbake:tested tag, and `jbake roll` wants --allow-untested for it.
+    #[arg(long)]
+    pub skip_test: bool,
     #[command(flatten)]
     pub bastion: BastionArgs,
     /// Copy the image to these regions (disaster recovery): encrypted, with its name and tags,
@@ -213,7 +221,7 @@ fn parse_build_id(s: &str) -> Result<String, String> {
     }
 }
 
-fn parse_ttl(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_ttl(s: &str) -> Result<Duration, String> {
     let d = recipe::parse_duration(s)?;
     if d < Duration::from_secs(60) || d > bake::MAX_TTL {
         return Err(format!(
@@ -223,7 +231,17 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-fn parse_efs_id(s: &str) -> Result<String, String> {
+pub(crate) fn parse_max_age(s: &str) -> Result<Duration, String> {
+    let d = recipe::parse_duration(s)?;
+    if d < Duration::from_secs(3600) {
+        return Err(format!(
+            "--max-age {s} is under an hour: every run would rebuild (use --force for that)"
+        ));
+    }
+    Ok(d)
+}
+
+pub(crate) fn parse_efs_id(s: &str) -> Result<String, String> {
     if matches("^fs-[0-9a-f]{8}([0-9a-f]{9})?$", s) {
         Ok(s.to_string())
     } else {
@@ -241,7 +259,7 @@ pub(crate) fn parse_ami(s: &str) -> Result<String, String> {
     }
 }
 
-fn parse_subnet(s: &str) -> Result<String, String> {
+pub(crate) fn parse_subnet(s: &str) -> Result<String, String> {
     if matches("^subnet-[0-9a-f]{8}([0-9a-f]{9})?$", s) {
         Ok(s.to_string())
     } else {
@@ -251,7 +269,7 @@ fn parse_subnet(s: &str) -> Result<String, String> {
     }
 }
 
-fn parse_instance_type(s: &str) -> Result<String, String> {
+pub(crate) fn parse_instance_type(s: &str) -> Result<String, String> {
     if matches(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$", s) {
         Ok(s.to_string())
     } else {
@@ -259,7 +277,7 @@ fn parse_instance_type(s: &str) -> Result<String, String> {
     }
 }
 
-fn parse_cidr(s: &str) -> Result<String, String> {
+pub(crate) fn parse_cidr(s: &str) -> Result<String, String> {
     let ok = s.split_once('/').is_some_and(|(ip, len)| {
         ip.parse::<std::net::Ipv4Addr>().is_ok() && len.parse::<u8>().is_ok_and(|l| l <= 32)
     });
@@ -288,6 +306,7 @@ fn options(
     Ok(BakeOptions {
         recipe,
         load: LoadOptions {
+            image_vars: Vec::new(),
             var_files: flags.var_files.clone(),
             vars,
             builtins: Default::default(),
@@ -307,14 +326,17 @@ fn options(
         ssh_port: flags.ssh_port,
         ssh_cidr: flags.ssh_cidr.clone(),
         force: flags.force,
+        max_age: flags.max_age,
         on_error: flags.on_error,
         manifest: flags.manifest.clone(),
         ttl: flags.ttl,
         connect_timeout: flags.connect_timeout,
         image_timeout: flags.image_timeout,
+        skip_test: flags.skip_test,
         output,
         quiet,
         distribution: flags.distribution.distribution(&flags.copy_to)?,
+        label: None,
     })
 }
 
@@ -347,7 +369,7 @@ pub async fn agent_cmd(args: AgentArgs, output: Output, quiet: bool) -> Result<(
 }
 
 /// `--recipe FILE`, or the built-in recipe `name` extracted for this command.
-fn recipe_or_shipped(
+pub(crate) fn recipe_or_shipped(
     given: Option<PathBuf>,
     name: &str,
 ) -> Result<(PathBuf, Option<Extracted>), Failure> {

@@ -5,8 +5,10 @@ mod build;
 mod copy;
 mod keys;
 mod meta;
+mod nightly;
 mod prune;
 mod roll;
+mod test;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -57,10 +59,15 @@ pub enum Command {
     Copy(copy::CopyArgs),
     /// Remove what finished or killed builds left behind (found by their jbake tags).
     Gc(build::GcArgs),
+    /// Boot-test an existing image again: an instance of it, checked over SSH; tags the verdict.
+    Test(test::TestArgs),
     /// Upgrade the Jenkins controller to a new image: drain, replace, verify, roll back on failure.
     Roll(roll::RollArgs),
     /// Show the controller's group, instances, launch template versions and target health.
     Status(roll::StatusArgs),
+    /// The unattended night: bake the controller and agent images at once (each skipped when
+    /// unchanged), and with --roll roll the controller to its image. For cron and timers.
+    Nightly(nightly::NightlyArgs),
     /// The controller→agents SSH key pair in SSM: init, rotate without downtime, finish, show.
     Keys(keys::KeysArgs),
     /// Remove old images jbake made (and their snapshots): never one in use, never the newest N.
@@ -198,6 +205,8 @@ pub enum Failure {
     Runtime(anyhow::Error),
     /// SIGINT/SIGTERM/SIGHUP: exit 130.
     Interrupted(String),
+    /// Another run holds the lock (`jbake nightly`): exit 75, nothing was done.
+    Locked(anyhow::Error),
 }
 
 impl Failure {
@@ -206,6 +215,7 @@ impl Failure {
             Failure::Input(_) => 2,
             Failure::Runtime(_) => 1,
             Failure::Interrupted(_) => 130,
+            Failure::Locked(_) => crate::nightly::EXIT_LOCKED,
         }
     }
 }
@@ -217,6 +227,7 @@ impl Failure {
             Failure::Input(e) => Failure::Input(anyhow::anyhow!(f(&format!("{e:#}")))),
             Failure::Runtime(e) => Failure::Runtime(anyhow::anyhow!(f(&format!("{e:#}")))),
             Failure::Interrupted(what) => Failure::Interrupted(f(&what)),
+            Failure::Locked(e) => Failure::Locked(anyhow::anyhow!(f(&format!("{e:#}")))),
         }
     }
 }
@@ -224,7 +235,7 @@ impl Failure {
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Failure::Input(e) | Failure::Runtime(e) => write!(f, "{e:#}"),
+            Failure::Input(e) | Failure::Runtime(e) | Failure::Locked(e) => write!(f, "{e:#}"),
             Failure::Interrupted(what) => write!(f, "interrupted {what}"),
         }
     }
@@ -252,8 +263,10 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Agent(args) => build::agent_cmd(args, cli.output, cli.quiet).await,
         Command::Copy(args) => copy::copy_cmd(args, cli.output, cli.quiet).await,
         Command::Gc(args) => build::gc_cmd(args, cli.output, cli.quiet).await,
+        Command::Test(args) => test::test_cmd(args, cli.output, cli.quiet).await,
         Command::Roll(args) => roll::roll_cmd(args, cli.output, cli.quiet).await,
         Command::Status(args) => roll::status_cmd(args, cli.output, cli.quiet).await,
+        Command::Nightly(args) => nightly::nightly_cmd(args, cli.output, cli.quiet).await,
         Command::Keys(args) => keys::keys_cmd(args, cli.output, cli.quiet).await,
         Command::Prune(args) => prune::prune_cmd(args, cli.output, cli.quiet).await,
         Command::Recipes(cmd) => meta::recipes_cmd(cmd, cli.output),
@@ -264,6 +277,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
 
 fn load(args: &RecipeArgs, builtins: Builtins) -> Result<Plan, Failure> {
     let opts = LoadOptions {
+        image_vars: Vec::new(),
         var_files: args.var_files.clone(),
         vars: args.vars.clone(),
         builtins,

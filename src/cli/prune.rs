@@ -94,7 +94,15 @@ fn print(r: &prune::Report, output: Output, quiet: bool) {
             } else {
                 format!(" and snapshot(s) {}", i.snapshots.join(", "))
             };
-            println!("{verb} {} {} (created {}){snaps}", i.id, i.name, i.created);
+            let failed = if i.failed_test {
+                " (it failed its boot test)"
+            } else {
+                ""
+            };
+            println!(
+                "{verb} {} {} (created {}){snaps}{failed}",
+                i.id, i.name, i.created
+            );
         } else if !quiet {
             let why: Vec<String> = d.keep.iter().map(|k| k.to_string()).collect();
             println!("keep   {} {}: {}", i.id, i.name, why.join("; "));
@@ -108,7 +116,7 @@ fn print(r: &prune::Report, output: Output, quiet: bool) {
     let kept = r.decisions.len() - gone;
     if gone > 0 || !quiet {
         println!(
-            "{verb} {gone} image(s) of {} jbake image(s) in {}; kept {kept} (the newest {} of each recipe, and those in use)",
+            "{verb} {gone} image(s) of {} jbake image(s) in {}; kept {kept} (the newest {} of each recipe that did not fail their boot test, and those in use)",
             r.decisions.len(),
             r.region,
             r.keep

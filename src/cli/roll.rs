@@ -21,7 +21,8 @@ pub struct RollArgs {
     /// The controller's Auto Scaling group [default: the one tagged jbake:role=controller].
     #[arg(long, value_name = "NAME")]
     pub asg: Option<String>,
-    /// Roll out this AMI [default: the newest available image jbake built from --recipe].
+    /// Roll out this AMI [default: the newest image jbake built from --recipe that passed its
+    /// boot test].
     #[arg(long, value_name = "AMI", value_parser = parse_ami)]
     pub ami: Option<String>,
     /// The recipe whose images are controller images (the jbake:recipe tag).
@@ -36,6 +37,10 @@ pub struct RollArgs {
     /// or one whose EFS cannot be proven: a deliberate move of JENKINS_HOME.
     #[arg(long)]
     pub allow_efs_change: bool,
+    /// Roll out an image that has no boot test result (baked with --skip-test, or before boot
+    /// tests). An image that failed its boot test is never rolled out.
+    #[arg(long)]
+    pub allow_untested: bool,
     /// Take over the group's roll lock left by a roll that was killed (says whose it was).
     #[arg(long)]
     pub take_over_lock: bool,
@@ -62,6 +67,10 @@ pub struct RollArgs {
     /// How long the new controller has to serve before jbake rolls back.
     #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = recipe::parse_duration)]
     pub health_timeout: Duration,
+    /// Do not wait for this build in the drain (a URL prefix; repeatable): the Jenkins build
+    /// that runs this roll, e.g. `--ignore-build "$BUILD_URL"` in a Jenkinsfile.
+    #[arg(long, value_name = "URL")]
+    pub ignore_build: Vec<String>,
     /// Show the plan and stop: no change is made.
     #[arg(long)]
     pub dry_run: bool,
@@ -128,7 +137,34 @@ async fn confirm(question: &str) -> Result<bool, Failure> {
     Ok(matches!(answer.trim().to_lowercase().as_str(), "y" | "yes"))
 }
 
+/// How a roll ended without an error.
+pub(crate) enum RollEnd {
+    /// The group already runs the image: nothing was changed (nothing printed yet).
+    UpToDate {
+        group: String,
+        image: roll::plan::ImageSummary,
+    },
+    /// Rolled (its result was printed), or `--dry-run` (the plan was printed).
+    Done,
+}
+
 pub async fn roll_cmd(args: RollArgs, output: Output, quiet: bool) -> Result<(), Failure> {
+    if let RollEnd::UpToDate { group, image } = roll_run(args, output, quiet).await? {
+        Progress::new(output, quiet, Vec::new()).finished(
+            "roll_finished",
+            &format!("already up to date: group {group} runs {}", image.label()),
+            json!({"status": "up_to_date", "group": group, "image": image}),
+        );
+    }
+    Ok(())
+}
+
+/// A whole roll: lock, plan, confirmation, execution.
+pub(crate) async fn roll_run(
+    args: RollArgs,
+    output: Output,
+    quiet: bool,
+) -> Result<RollEnd, Failure> {
     let opts = RollOptions {
         aws: aws_options(&args.aws),
         asg: args.asg.clone(),
@@ -143,6 +179,8 @@ pub async fn roll_cmd(args: RollArgs, output: Output, quiet: bool) -> Result<(),
         health_timeout: args.health_timeout,
         allow_efs_change: args.allow_efs_change,
         allow_insecure_http: args.allow_insecure_http,
+        allow_untested: args.allow_untested,
+        ignore_builds: args.ignore_build.clone(),
     };
     // Credentials for a plain-HTTP URL given on the command line: refused before any AWS call.
     if let (Some(url), Some(_)) = (&opts.jenkins_url, &opts.jenkins_credentials) {
@@ -193,27 +231,25 @@ pub async fn roll_cmd(args: RollArgs, output: Output, quiet: bool) -> Result<(),
     };
     let p = match prepared {
         Prepare::UpToDate { group, image } => {
-            progress.finished(
-                "roll_finished",
-                &format!("already up to date: group {group} runs {}", image.label()),
-                json!({"status": "up_to_date", "group": group, "image": image}),
-            );
-            return Ok(());
+            return Ok(RollEnd::UpToDate { group, image });
         }
         Prepare::Ready(p) => p,
     };
     let progress = Progress::new(output, quiet, p.secrets.clone());
     if progress.is_json() {
         progress.finished("plan", "", json!(p.plan));
-    } else {
-        print!("{}", p.plan.text());
+    } else if !quiet || args.dry_run || !args.yes {
+        // Quiet and unattended (cron): the result line says what was done; the plan is for
+        // whoever reads along, confirms, or asked for --dry-run.
+        let mut text = p.plan.text();
         if let Some(v) = &p.jenkins_before {
-            println!("  Jenkins {v} answers at {}", p.jenkins.url());
+            text.push_str(&format!("  Jenkins {v} answers at {}\n", p.jenkins.url()));
         }
+        crate::progress::out_line(text.trim_end());
     }
     if args.dry_run {
         progress.info("dry_run", "--dry-run: nothing was changed");
-        return Ok(());
+        return Ok(RollEnd::Done);
     }
     if let Some(e) = p.refusal(&opts) {
         return Err(failure(e));
@@ -238,7 +274,7 @@ pub async fn roll_cmd(args: RollArgs, output: Output, quiet: bool) -> Result<(),
     if let Err(e) = lock::release(&aws, &held).await {
         progress.warn(&format!("the roll lock was not released: {e}"));
     }
-    result
+    result.map(|()| RollEnd::Done)
 }
 
 /// The part of the roll that runs under the group's lock.

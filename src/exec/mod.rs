@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::progress::{Progress, StepRow, StepStatus};
-use crate::recipe::{Action, FileAttrs, Origin, Phase, Plan, Step};
+use crate::recipe::{Action, Fact, FileAttrs, Origin, Phase, Plan, Step};
 use crate::ssh::{self, ConnectOptions, RootShell, Session, Stream};
 use crate::util::{fmt_duration, mask, shell_quote};
 
@@ -68,6 +68,7 @@ fn step_label(step: &Step) -> String {
     match step.phase {
         Phase::Steps => format!("step {} '{}'", step.number, step.name),
         Phase::Validate => format!("validate step {} '{}'", step.number, step.name),
+        Phase::Test => format!("test check {} '{}'", step.number, step.name),
     }
 }
 
@@ -281,6 +282,148 @@ impl<'p> Executor<'p> {
         })
     }
 
+    /// Runs every check (the boot test): unlike [`run_plan`](Self::run_plan), a failing check
+    /// does not stop the others. `Ok`: each check's row, and the failures (each names its check
+    /// and what it printed last). `Err`: the machine could not be asked (a lost connection):
+    /// no verdict.
+    pub async fn run_checks(&mut self, checks: &[Step]) -> Result<(Report, Vec<Error>), Error> {
+        let start = Instant::now();
+        let total = checks.len();
+        let mut rows = Vec::with_capacity(total);
+        let mut failed = Vec::new();
+        for step in checks {
+            self.progress.step_started(step, total);
+            let t = Instant::now();
+            let (result, attempts) = self.run_step(step).await;
+            let status = match &result {
+                Ok(s) => s.clone(),
+                Err(e) => StepStatus::Failed(short(e)),
+            };
+            self.progress
+                .step_finished(step, total, &status, t.elapsed());
+            rows.push(StepRow {
+                phase: step.phase,
+                number: step.number,
+                name: step.name.clone(),
+                status,
+                elapsed_ms: t.elapsed().as_millis(),
+                attempts,
+            });
+            match result {
+                Ok(_) => {}
+                Err(e @ Error::StepFailed { .. }) => failed.push(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((
+            Report {
+                rows,
+                elapsed: start.elapsed(),
+            },
+            failed,
+        ))
+    }
+
+    /// Runs a `run` step quietly (its output is not shown) and returns its exit status and
+    /// standard output: what jbake reads from the machine itself.
+    pub async fn query(&mut self, step: &Step) -> Result<(i32, Vec<u8>), Error> {
+        let script = match &step.action {
+            Action::Run { script } => compose(step, script),
+            other => {
+                return Err(self.lost(
+                    step,
+                    &format!("a query is a run step, not {}", other.kind()),
+                ))
+            }
+        };
+        let r = self.request(step, &script, step.timeout, true).await?;
+        Ok((r.code, r.stdout))
+    }
+
+    /// Reads the recipe's `facts:` on the machine: each command runs as root (after the
+    /// checks), and its output, one line of at most 256 characters, is the value of its tag.
+    /// Shown like checks; a command that fails, prints nothing or more than one line, or prints
+    /// a secret, fails the build.
+    pub async fn read_facts(
+        &mut self,
+        facts: &[Fact],
+    ) -> Result<(Vec<(String, String)>, Report), (Error, Report)> {
+        let start = Instant::now();
+        let mut rows = Vec::new();
+        let mut values = Vec::new();
+        let total = facts.len();
+        if total > 0 {
+            self.progress
+                .info("phase", &format!("reading {total} image fact(s)"));
+        }
+        for (i, fact) in facts.iter().enumerate() {
+            let step = Step {
+                number: i.saturating_add(1),
+                phase: Phase::Validate,
+                name: format!("fact {}", fact.key),
+                origin: fact.origin.clone(),
+                action: Action::Run {
+                    script: fact.script.clone(),
+                },
+                user: None,
+                env: Vec::new(),
+                retries: 0,
+                delay: Duration::from_secs(1),
+                timeout: Some(Duration::from_secs(60)),
+                when: None,
+                creates: None,
+            };
+            self.progress.step_started(&step, total);
+            let t = Instant::now();
+            let result = match self.request(&step, &fact.script, step.timeout, true).await {
+                Err(e) => Err(e),
+                Ok(r) if r.code != 0 => {
+                    Err(self.failed(&step, exit_detail(r.code, Duration::from_secs(60)), r.tail))
+                }
+                Ok(r) => {
+                    let text = String::from_utf8_lossy(&r.stdout).trim().to_string();
+                    match fact_value(&text, &self.secrets) {
+                        Ok(()) => Ok(text),
+                        Err(why) => Err(self.failed(&step, why, Vec::new())),
+                    }
+                }
+            };
+            let status = match &result {
+                Ok(_) => StepStatus::Ok,
+                Err(e) => StepStatus::Failed(short(e)),
+            };
+            self.progress
+                .step_finished(&step, total, &status, t.elapsed());
+            rows.push(StepRow {
+                phase: step.phase,
+                number: step.number,
+                name: step.name.clone(),
+                status,
+                elapsed_ms: t.elapsed().as_millis(),
+                attempts: 1,
+            });
+            match result {
+                Ok(v) => values.push((fact.key.clone(), v)),
+                Err(e) => {
+                    return Err((
+                        e,
+                        Report {
+                            rows,
+                            elapsed: start.elapsed(),
+                        },
+                    ))
+                }
+            }
+        }
+        Ok((
+            values,
+            Report {
+                rows,
+                elapsed: start.elapsed(),
+            },
+        ))
+    }
+
     /// Ends the root shell and the connection.
     pub async fn close(mut self) {
         if let Some(shell) = self.shell.take() {
@@ -346,7 +489,7 @@ impl<'p> Executor<'p> {
             Action::Run { script } => {
                 let script = compose(step, script);
                 let r = self.request(step, &script, step.timeout, false).await?;
-                if r.code == 0 && step.phase == Phase::Validate {
+                if r.code == 0 && step.phase != Phase::Steps {
                     Ok(StepStatus::Ok) // a check that passed changed nothing
                 } else if r.code == 0 {
                     Ok(StepStatus::Changed)
@@ -892,5 +1035,48 @@ mod tests {
         assert!(s.contains(r"d='/etc/it'\''s here'"));
         assert!(s.contains("chmod 600 \"$t\""));
         assert!(s.contains("chown root \"$t\""));
+    }
+}
+
+/// Whether a fact's output can be a tag value: one line, 1 to 256 characters, no secret.
+fn fact_value(text: &str, secrets: &[String]) -> Result<(), String> {
+    if text.is_empty() {
+        return Err("printed nothing (a fact is one line of output)".to_string());
+    }
+    if text.contains('\n') {
+        return Err(format!(
+            "printed {} lines (a fact is one line of output)",
+            text.lines().count()
+        ));
+    }
+    if text.chars().count() > 256 {
+        return Err(format!(
+            "printed {} characters (a tag value holds at most 256)",
+            text.chars().count()
+        ));
+    }
+    if mask(text, secrets) != text {
+        return Err("printed the value of a secret variable (tags are readable by anyone who can describe the image)".to_string());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod fact_tests {
+    use super::fact_value;
+
+    #[test]
+    fn a_fact_is_one_short_line_without_secrets() {
+        let none: Vec<String> = Vec::new();
+        assert!(fact_value("2026-11-30T08:00:00Z", &none).is_ok());
+        assert!(fact_value("", &none).unwrap_err().contains("nothing"));
+        assert!(fact_value("a\nb", &none).unwrap_err().contains("2 lines"));
+        assert!(fact_value(&"x".repeat(257), &none)
+            .unwrap_err()
+            .contains("257"));
+        let secrets = vec!["hunter2".to_string()];
+        assert!(fact_value("pw=hunter2", &secrets)
+            .unwrap_err()
+            .contains("secret"));
     }
 }

@@ -51,6 +51,10 @@ pub fn format_plan(plan: &Plan) -> String {
                 quote(v.display_value(), v.secret),
                 format!("from {}", f.display()),
             ),
+            VarSource::Image => (
+                quote(v.display_value(), v.secret),
+                "from the image's tags".to_string(),
+            ),
             VarSource::CommandLine => {
                 (quote(v.display_value(), v.secret), "from --var".to_string())
             }
@@ -68,6 +72,19 @@ pub fn format_plan(plan: &Plan) -> String {
             let _ = writeln!(o, "  {k:<width$} = {v:?}");
         }
     }
+    if !plan.facts.is_empty() {
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "image facts (tags read on the machine after the checks):"
+        );
+        for f in &plan.facts {
+            let _ = writeln!(o, "  {} ({}):", f.key, f.origin);
+            for line in mask(&f.script, &plan.secrets()).trim_end().lines() {
+                let _ = writeln!(o, "    | {line}");
+            }
+        }
+    }
     let secrets = plan.secrets();
     for (title, steps) in [("steps", &plan.steps), ("validate", &plan.validate)] {
         let _ = writeln!(o);
@@ -77,6 +94,14 @@ pub fn format_plan(plan: &Plan) -> String {
         }
         let _ = writeln!(o, "{title}:");
         for s in steps {
+            let _ = write!(o, "{}", mask(&step(s), &secrets));
+        }
+    }
+    // Only recipes that have one: the boot test's checks (on a fresh instance of the image).
+    if !plan.test.is_empty() {
+        let _ = writeln!(o);
+        let _ = writeln!(o, "test (on an instance booted from the image):");
+        for s in &plan.test {
             let _ = write!(o, "{}", mask(&step(s), &secrets));
         }
     }

@@ -11,6 +11,7 @@ use super::yaml;
 pub(crate) struct Expanded {
     pub steps: Vec<RawStep>,
     pub validate: Vec<RawStep>,
+    pub test: Vec<RawStep>,
 }
 
 struct Ctx {
@@ -47,6 +48,7 @@ fn expand_file(file: &Path, body: StepFile, ctx: &mut Ctx) -> Result<Expanded, E
     let mut out = Expanded {
         steps: Vec::new(),
         validate: Vec::new(),
+        test: Vec::new(),
     };
     let dir = file.parent().unwrap_or(Path::new(""));
     for inc in &body.includes {
@@ -104,9 +106,11 @@ fn expand_file(file: &Path, body: StepFile, ctx: &mut Ctx) -> Result<Expanded, E
         ctx.stack.pop();
         out.steps.extend(sub.steps);
         out.validate.extend(sub.validate);
+        out.test.extend(sub.test);
     }
     out.steps.extend(body.steps);
     out.validate.extend(body.validate);
+    out.test.extend(body.test);
     Ok(out)
 }
 

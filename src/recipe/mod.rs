@@ -37,6 +37,9 @@ pub struct Builtins {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LoadOptions {
+    /// Values read back from an image's tags (`jbake test`, [`tag_variables`]): above the
+    /// recipe's defaults, below `--var-file` and `--var`.
+    pub image_vars: Vec<(String, String)>,
     /// `--var-file`s, lowest precedence first.
     pub var_files: Vec<PathBuf>,
     /// `--var k=v`s, lowest precedence first; they win over var files.
@@ -86,9 +89,21 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Plan, Error> {
         tags.push((key.clone(), value));
     }
     tags.sort();
+    let mut facts = Vec::with_capacity(recipe.facts.len());
+    for (key, script) in &recipe.facts {
+        facts.push(Fact {
+            key: key.clone(),
+            script: renderer.render_shell(script)?,
+            origin: script.origin.clone(),
+        });
+    }
     let mut validate = Vec::with_capacity(expanded.validate.len());
     for (i, raw) in expanded.validate.iter().enumerate() {
         validate.push(renderer.step(raw, i + 1)?);
+    }
+    let mut test = Vec::with_capacity(expanded.test.len());
+    for (i, raw) in expanded.test.iter().enumerate() {
+        test.push(renderer.step(raw, i + 1)?);
     }
     Ok(Plan {
         schema_version: model::SCHEMA_VERSION,
@@ -99,9 +114,44 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Plan, Error> {
         instance: recipe.instance,
         vars: resolved.list,
         tags,
+        facts,
         steps,
         validate,
+        test,
     })
+}
+
+/// The recipe's `name:` (parsed, not rendered: no variables needed).
+pub fn name_of(path: &Path) -> Result<String, Error> {
+    let text = read_text(path)?;
+    let root = yaml::parse(&text, path)?;
+    Ok(model::decode_recipe(&root)?.name)
+}
+
+/// The recipe's image tags whose value is exactly one of its variables, like
+/// `jbake:efs-id: "{{ efs_id }}"`: `(tag key, variable)`. An image's tags give those variables
+/// back (what `jbake test` of an existing image renders its checks with).
+pub fn tag_variables(path: &Path) -> Result<Vec<(String, String)>, Error> {
+    let text = read_text(path)?;
+    let root = yaml::parse(&text, path)?;
+    let recipe = model::decode_recipe(&root)?;
+    Ok(recipe
+        .tags
+        .iter()
+        .filter_map(|(key, template)| {
+            let inner = template
+                .value
+                .trim()
+                .strip_prefix("{{")?
+                .strip_suffix("}}")?
+                .trim();
+            recipe
+                .vars
+                .iter()
+                .any(|d| d.name == inner)
+                .then(|| (key.clone(), inner.to_string()))
+        })
+        .collect())
 }
 
 /// The most jbake reads from one recipe, include, var file or template: recipes are small text

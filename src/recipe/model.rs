@@ -27,9 +27,11 @@ const TOP_KEYS: &[&str] = &[
     "instance",
     "vars",
     "tags",
+    "facts",
     "include",
     "steps",
     "validate",
+    "test",
 ];
 /// Tag keys jbake writes itself: a recipe's `tags:` cannot set them.
 pub(crate) const RESERVED_TAGS: &[&str] = &[
@@ -43,12 +45,17 @@ pub(crate) const RESERVED_TAGS: &[&str] = &[
     "jbake:base-ami",
     "jbake:jbake-version",
     "jbake:complete",
+    "jbake:tested",
+    "jbake:tested-at",
+    "jbake:build-host-key",
+    "jbake:build-key",
+    "jbake:build-machine-id",
 ];
 static TAG_KEY: LazyLock<Regex> = LazyLock::new(|| {
     // What EC2 accepts in a tag key (letters, digits, spaces and + - = . _ : / @), 1-128.
     Regex::new(r"^[\p{L}\p{N} +\-=._:/@]{1,128}$").expect("static regex")
 });
-const INCLUDED_KEYS: &[&str] = &["include", "steps", "validate"];
+const INCLUDED_KEYS: &[&str] = &["include", "steps", "validate", "test"];
 const STEP_KEYS: &[&str] = &[
     "name", "run", "line", "upload", "file", "reboot", "retries", "delay", "timeout", "when",
     "env", "user", "creates",
@@ -122,7 +129,7 @@ pub(crate) enum RawAction {
 
 #[derive(Debug)]
 pub(crate) struct RawStep {
-    /// `steps[3]` or `validate[0]`: position in the file where it is written.
+    /// `steps[3]`, `validate[0]` or `test[1]`: position in the file where it is written.
     pub field: String,
     pub phase: Phase,
     pub origin: Origin,
@@ -143,6 +150,8 @@ pub(crate) struct StepFile {
     pub includes: Vec<Spanned>,
     pub steps: Vec<RawStep>,
     pub validate: Vec<RawStep>,
+    /// `test:`: checks run on an instance booted from the image (the boot test).
+    pub test: Vec<RawStep>,
 }
 
 #[derive(Debug)]
@@ -156,6 +165,9 @@ pub(crate) struct RawRecipe {
     pub vars_origin: Origin,
     /// `tags:`: tag key → value template, put on the image and its snapshots.
     pub tags: Vec<(String, Spanned)>,
+    /// `facts:`: tag key → a shell command run as root after the checks; its output is the
+    /// value of the tag on the image and its snapshots.
+    pub facts: Vec<(String, Spanned)>,
     pub body: StepFile,
 }
 
@@ -220,9 +232,20 @@ pub(crate) fn decode_recipe(root: &Node) -> Result<RawRecipe, Error> {
         None => (Vec::new(), root.origin()),
     };
     let tags = match m.get("tags") {
-        Some(n) => decode_tags(n)?,
+        Some(n) => decode_tags(n, "tags")?,
         None => Vec::new(),
     };
+    // `facts:` — tag key → a shell command whose output (read on the machine after the checks)
+    // is the tag's value.
+    let facts = match m.get("facts") {
+        Some(n) => decode_tags(n, "facts")?,
+        None => Vec::new(),
+    };
+    if let Some((key, script)) = facts.iter().find(|(k, _)| tags.iter().any(|(t, _)| t == k)) {
+        return Err(script.err(format!(
+            "'{key}' is both in tags: and in facts:; a tag has one value"
+        )));
+    }
     let body = decode_step_file_body(&m)?;
     if body.steps.is_empty() && body.includes.is_empty() {
         if let Some(n) = m.get("steps") {
@@ -241,16 +264,17 @@ pub(crate) fn decode_recipe(root: &Node) -> Result<RawRecipe, Error> {
         vars,
         vars_origin,
         tags,
+        facts,
         body,
     })
 }
 
 /// `tags:` — a mapping of tag key to a value template (rendered like a step's fields).
-fn decode_tags(node: &Node) -> Result<Vec<(String, Spanned)>, Error> {
-    let m = node.map("tags", &[])?;
+fn decode_tags(node: &Node, section: &str) -> Result<Vec<(String, Spanned)>, Error> {
+    let m = node.map(section, &[])?;
     let mut out = Vec::new();
     for (key, key_node, v) in &m.entries {
-        let field = format!("tags.{key}");
+        let field = format!("{section}.{key}");
         if !TAG_KEY.is_match(key) {
             return Err(key_node.err(
                 &field,
@@ -272,7 +296,8 @@ fn decode_tags(node: &Node) -> Result<Vec<(String, Spanned)>, Error> {
     Ok(out)
 }
 
-/// Decode an included file: a mapping with `steps:`, optional `validate:` and `include:`.
+/// Decode an included file: a mapping with `steps:`, optional `validate:`, `test:` and
+/// `include:`.
 pub(crate) fn decode_included(root: &Node) -> Result<StepFile, Error> {
     if root.value == Value::Null {
         return Err(root.err("", "the included file is empty; it needs `steps:`"));
@@ -295,6 +320,9 @@ fn decode_step_file_body(m: &Map<'_>) -> Result<StepFile, Error> {
     }
     if let Some(n) = m.get("validate") {
         out.validate = decode_steps(n, Phase::Validate)?;
+    }
+    if let Some(n) = m.get("test") {
+        out.test = decode_steps(n, Phase::Test)?;
     }
     Ok(out)
 }
@@ -470,6 +498,7 @@ fn decode_steps(node: &Node, phase: Phase) -> Result<Vec<RawStep>, Error> {
     let list = match phase {
         Phase::Steps => "steps",
         Phase::Validate => "validate",
+        Phase::Test => "test",
     };
     let items = node.seq(list)?;
     items

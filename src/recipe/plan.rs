@@ -51,6 +51,8 @@ pub struct Instance {
 pub enum VarSource {
     /// The recipe's `default:`.
     Default,
+    /// An image's tag (`jbake test` of an existing image).
+    Image,
     /// A `--var-file`.
     File(PathBuf),
     /// A `--var k=v` on the command line.
@@ -90,6 +92,8 @@ impl ResolvedVar {
 pub enum Phase {
     Steps,
     Validate,
+    /// The boot test: checks on an instance booted from the image.
+    Test,
 }
 
 /// Ownership and permissions of a file written by `upload` or `file`.
@@ -166,6 +170,14 @@ pub struct Step {
     pub creates: Option<String>,
 }
 
+/// A `facts:` entry: the tag key, the command (rendered), where it is written.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Fact {
+    pub key: String,
+    pub script: String,
+    pub origin: Origin,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Plan {
     pub schema_version: u32,
@@ -178,8 +190,14 @@ pub struct Plan {
     pub vars: Vec<ResolvedVar>,
     /// The recipe's `tags:`, rendered, sorted by key: put on the image and its snapshots.
     pub tags: Vec<(String, String)>,
+    /// The recipe's `facts:`, rendered like `run:` scripts, in the order written: each runs as
+    /// root after the checks, and its output becomes the tag of that key on the image.
+    pub facts: Vec<Fact>,
     pub steps: Vec<Step>,
     pub validate: Vec<Step>,
+    /// `test:`: run by the boot test on a fresh instance of the image, never on the build
+    /// machine.
+    pub test: Vec<Step>,
 }
 
 impl Plan {
@@ -196,7 +214,7 @@ impl Plan {
         crate::util::secret_forms(&values)
     }
 
-    /// Steps then validate, in the order they run.
+    /// Steps then validate, in the order they run on the build machine (not `test`).
     pub fn all_steps(&self) -> impl Iterator<Item = &Step> {
         self.steps.iter().chain(self.validate.iter())
     }

@@ -432,3 +432,82 @@ fn when_accepts_yaml_booleans() {
         .collect();
     assert_eq!(whens, [false, true]);
 }
+
+#[test]
+fn the_test_section_is_the_boot_test_s_checks_from_includes_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.yaml");
+    std::fs::create_dir(dir.path().join("common")).unwrap();
+    std::fs::write(
+        dir.path().join("common/base.yaml"),
+        "steps:\n  - name: inc\n    run: \"true\"\ntest:\n  - name: from the include\n    run: \"true\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &path,
+        "version: 1\nname: r\nbase: { ami: ami-0123456789abcdef0, ssh_user: admin }\n\
+         vars:\n  efs_id: { required: true }\n  home: { default: /var/lib/jenkins }\n\
+         tags:\n  jbake:efs-id: \"{{ efs_id }}\"\n  jbake:home: \"{{home}}\"\n  jbake:mixed: \"x-{{ efs_id }}\"\n  jbake:builtin: \"{{ version }}\"\n\
+         include: [common/base.yaml]\n\
+         steps:\n  - name: s\n    run: \"true\"\n\
+         validate:\n  - name: v\n    run: \"true\"\n\
+         test:\n  - name: jenkins waits for {{ efs_id }}\n    run: \"! mountpoint -q {{ home }}\"\n",
+    )
+    .unwrap();
+    let plan = load(&path, &opts(&[("efs_id", "fs-01234567")])).unwrap();
+    assert_eq!(plan.validate.len(), 1);
+    let names: Vec<&str> = plan.test.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["from the include", "jenkins waits for fs-01234567"]);
+    assert!(plan.test.iter().all(|s| s.phase == Phase::Test));
+    assert_eq!(plan.test[1].number, 2);
+    assert!(
+        matches!(&plan.test[1].action, Action::Run { script } if script == "! mountpoint -q /var/lib/jenkins")
+    );
+    // Never on the build machine: not among the steps and checks a build runs.
+    assert_eq!(plan.all_steps().count(), 3);
+    let text = format_plan(&plan);
+    assert!(
+        text.contains("test (on an instance booted from the image):"),
+        "{text}"
+    );
+    // The tags that give a variable back ([`tag_variables`]): only a whole declared variable.
+    assert_eq!(
+        crate::recipe::tag_variables(&path).unwrap(),
+        vec![
+            ("jbake:efs-id".to_string(), "efs_id".to_string()),
+            ("jbake:home".to_string(), "home".to_string())
+        ]
+    );
+    assert_eq!(crate::recipe::name_of(&path).unwrap(), "r");
+    // Values from an image's tags: above the defaults, below --var.
+    let mut o = opts(&[("efs_id", "fs-0123456789abcdef0")]);
+    o.image_vars = vec![
+        ("efs_id".into(), "fs-01234567".into()),
+        ("home".into(), "/srv/jenkins".into()),
+        ("not_declared".into(), "ignored".into()),
+    ];
+    let plan = load(&path, &o).unwrap();
+    assert_eq!(var(&plan, "home").value, "/srv/jenkins");
+    assert_eq!(var(&plan, "home").source, VarSource::Image);
+    assert_eq!(var(&plan, "efs_id").value, "fs-0123456789abcdef0");
+}
+
+#[test]
+fn jbake_s_test_tags_cannot_be_set_by_a_recipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.yaml");
+    std::fs::write(
+        &path,
+        "version: 1\nname: r\nbase: { ami: ami-0123456789abcdef0, ssh_user: admin }\n\
+         tags:\n  jbake:tested: \"true\"\n\
+         steps:\n  - name: s\n    run: \"true\"\n",
+    )
+    .unwrap();
+    let e = load(&path, &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("'jbake:tested' is written by jbake itself"),
+        "{e}"
+    );
+}

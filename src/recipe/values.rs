@@ -6,9 +6,9 @@ use std::time::Duration;
 use regex::Regex;
 
 static DURATION: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"^(?:[0-9]+(?:ms|h|m|s))+$").expect("static regex"));
+    LazyLock::new(|| Regex::new(r"^(?:[0-9]+(?:ms|d|h|m|s))+$").expect("static regex"));
 static DURATION_PART: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"([0-9]+)(ms|h|m|s)").expect("static regex"));
+    LazyLock::new(|| Regex::new(r"([0-9]+)(ms|d|h|m|s)").expect("static regex"));
 static USER: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^[a-z_][a-z0-9_-]*[$]?$").expect("static regex"));
 static IDENT: LazyLock<Regex> =
@@ -18,7 +18,8 @@ static IDENT: LazyLock<Regex> =
 ///
 /// The error is a complete sentence fragment: `"10 minutes" is not a duration (use e.g. "30s", "10m", "1h30m")`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("\"{s}\" is not a duration (use e.g. \"30s\", \"10m\", \"1h30m\")");
+    let bad =
+        || format!("\"{s}\" is not a duration (use e.g. \"30s\", \"10m\", \"1h30m\", \"7d\")");
     if !DURATION.is_match(s) {
         return Err(bad());
     }
@@ -29,7 +30,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "ms" => Duration::from_millis(n),
             "s" => Duration::from_secs(n),
             "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(bad)?),
-            _ => Duration::from_secs(n.checked_mul(3600).ok_or_else(bad)?),
+            "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(bad)?),
+            _ => Duration::from_secs(n.checked_mul(86_400).ok_or_else(bad)?),
         };
         total = total.checked_add(d).ok_or_else(bad)?;
     }
@@ -118,11 +120,16 @@ mod tests {
         assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
         assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert!(
+            parse_duration("99999999999999999d").is_err(),
+            "overflow is an error"
+        );
         assert_eq!(
             parse_duration("10 minutes").unwrap_err(),
-            "\"10 minutes\" is not a duration (use e.g. \"30s\", \"10m\", \"1h30m\")"
+            "\"10 minutes\" is not a duration (use e.g. \"30s\", \"10m\", \"1h30m\", \"7d\")"
         );
-        for bad in ["", "10", "m", "1.5h", "-1s", "1d"] {
+        for bad in ["", "10", "m", "1.5h", "-1s", "1w"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
         for d in ["500ms", "30s", "10m", "1h30m", "2h", "1h0m5s"] {

@@ -1,5 +1,5 @@
-//! Variable resolution: recipe defaults < `--var-file` (in order) < `--var` (in order), plus
-//! the built-ins. Then the required and pattern checks.
+//! Variable resolution: recipe defaults < an image's tags (`jbake test`) < `--var-file` (in
+//! order) < `--var` (in order), plus the built-ins. Then the required and pattern checks.
 
 use std::collections::BTreeMap;
 
@@ -78,6 +78,18 @@ pub(crate) fn resolve(recipe: &RawRecipe, opts: &LoadOptions) -> Result<Resolved
         }
     }
     let declared = |name: &str| recipe.vars.iter().find(|d| d.name == name);
+    for (name, value) in &opts.image_vars {
+        if let Some(d) = declared(name) {
+            values.insert(
+                &d.name,
+                Candidate {
+                    value: value.clone(),
+                    source: VarSource::Image,
+                    origin: None,
+                },
+            );
+        }
+    }
     let unknown = |name: &str, from: &str| {
         let names: Vec<&str> = recipe.vars.iter().map(|d| d.name.as_str()).collect();
         if let Some(hint) = builtin_hint(name) {
@@ -213,6 +225,7 @@ fn pattern_error(d: &VarDecl, pat: &super::model::Spanned, c: &Candidate) -> Err
     let from = match (&c.source, &c.origin) {
         (VarSource::CommandLine, _) => "--var".to_string(),
         (VarSource::Default, _) => "its default".to_string(),
+        (VarSource::Image, _) => "the image's tags".to_string(),
         (_, Some(o)) => o.to_string(),
         _ => "a --var-file".to_string(),
     };

@@ -1,8 +1,9 @@
-//! The refusals that need no AWS call once the images are known (pure, unit-tested): the same
-//! EFS proven by the images' tags, the JENKINS_HOME lease on both sides of a handover, no
-//! first-installation image on a roll.
+//! The refusals that need no AWS call once the images are known (pure, unit-tested): a boot test
+//! passed, the same EFS proven by the images' tags, the JENKINS_HOME lease on both sides of a
+//! handover, no first-installation image on a roll.
 
 use crate::aws::ec2::ImageInfo;
+use crate::bake::tags;
 
 use super::error::{EfsRef, Refusal};
 use super::Strategy;
@@ -32,6 +33,44 @@ fn efs_of(i: &ImageInfo, which: &'static str) -> Result<EfsRef, Refusal> {
             .ok_or_else(|| missing(EFS_PATH_TAG))?
             .to_string(),
     })
+}
+
+/// What the boot test said about an image (`jbake:tested`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestState {
+    Passed,
+    Failed,
+    /// No verdict (`--skip-test`, or baked before boot tests).
+    Untested,
+}
+
+pub fn test_state(i: &ImageInfo) -> TestState {
+    match i.tag(tags::TESTED) {
+        Some("true") => TestState::Passed,
+        Some("false") => TestState::Failed,
+        _ => TestState::Untested,
+    }
+}
+
+/// Whether `new` may be rolled out as far as its boot test goes: it passed; or it was never
+/// tested and `allow_untested`. An image that failed its test never is.
+pub fn tested(new: &ImageInfo, allow_untested: bool, region: &str) -> Result<(), Refusal> {
+    match test_state(new) {
+        TestState::Passed => Ok(()),
+        TestState::Failed => Err(Refusal::FailedTest {
+            ami: new.id.clone(),
+            name: new.name.clone(),
+            tag: tags::TESTED,
+            at: new.tag(tags::TESTED_AT).map(str::to_string),
+        }),
+        TestState::Untested if allow_untested => Ok(()),
+        TestState::Untested => Err(Refusal::Untested {
+            ami: new.id.clone(),
+            name: new.name.clone(),
+            tag: tags::TESTED,
+            region: region.to_string(),
+        }),
+    }
 }
 
 /// Whether rolling from `running` (None: EC2 no longer describes it, `running_ami` its id) to
@@ -192,6 +231,37 @@ mod tests {
         assert!(e.contains("the running controller's image"), "{e}");
         // The first roll to a lease image: replace.
         assert!(images(Strategy::Replace, false, Some(&without), "ami-b", &with).is_ok());
+    }
+
+    #[test]
+    fn only_a_tested_image_rolls_and_never_a_failed_one() {
+        let mut passed = image("ami-p", GOOD);
+        passed.tags.push((tags::TESTED.into(), "true".into()));
+        assert!(tested(&passed, false, "eu-west-1").is_ok());
+        let untested = image("ami-u", GOOD);
+        let e = tested(&untested, false, "eu-west-1")
+            .expect_err("refused")
+            .to_string();
+        assert!(e.contains("ami-u"), "{e}");
+        assert!(e.contains("jbake test ami-u --region eu-west-1"), "{e}");
+        assert!(e.contains("--allow-untested"), "{e}");
+        assert!(tested(&untested, true, "eu-west-1").is_ok());
+        let mut failed = image("ami-f", GOOD);
+        failed.tags.push((tags::TESTED.into(), "false".into()));
+        failed
+            .tags
+            .push((tags::TESTED_AT.into(), "2026-11-30T03:00:00Z".into()));
+        for allow in [false, true] {
+            let e = tested(&failed, allow, "eu-west-1")
+                .expect_err("refused")
+                .to_string();
+            assert!(e.contains("failed its boot test"), "{e}");
+            assert!(e.contains("at 2026-11-30T03:00:00Z"), "{e}");
+        }
+        // A value jbake never writes is no verdict.
+        let mut odd = image("ami-o", GOOD);
+        odd.tags.push((tags::TESTED.into(), "yes".into()));
+        assert_eq!(test_state(&odd), TestState::Untested);
     }
 
     #[test]

@@ -57,6 +57,27 @@ pub enum Refusal {
     NoSuchAmi { id: String, region: String },
     #[error("no available image built by jbake from the {recipe} recipe in {region}: bake one with `jbake controller`, or pass --ami")]
     NoImage { recipe: String, region: String },
+    #[error("no image of the {recipe} recipe in {region} passed its boot test{}", untested_hint(.untested, .region))]
+    NoTestedImage {
+        recipe: String,
+        region: String,
+        /// The newest image that was never tested (`id (name)`), if any.
+        untested: Option<String>,
+    },
+    #[error("{ami} ({name}) failed its boot test ({tag}=false{}): an instance of it did not pass its checks, so it is never rolled out. Bake a new image (`jbake controller`), or test this one again if the failure was not the image's (`jbake test {ami}`)", at.as_deref().map(|t| format!(" at {t}")).unwrap_or_default())]
+    FailedTest {
+        ami: String,
+        name: String,
+        tag: &'static str,
+        at: Option<String>,
+    },
+    #[error("{ami} ({name}) has no boot test result (no {tag} tag: baked with --skip-test, or before boot tests): test it with `jbake test {ami} --region {region}`, or pass --allow-untested to roll it out anyway")]
+    Untested {
+        ami: String,
+        name: String,
+        tag: &'static str,
+        region: String,
+    },
     #[error("{0}")]
     Image(#[from] ImageProblem),
     #[error("the new image {new_ami} was baked for {new}, but the running controller's image {running_ami} for {running}: the new controller would serve another JENKINS_HOME. Bake the image with the same --efs-id and efs_path, or pass --allow-efs-change for a deliberate move to another file system")]
@@ -99,6 +120,16 @@ pub enum Refusal {
     InsecureHttp { url: String },
     #[error(transparent)]
     JenkinsUrl(jenkins::Error),
+}
+
+fn untested_hint(untested: &Option<String>, region: &str) -> String {
+    match untested {
+        Some(i) => format!(
+            ": the newest untested one is {i}; test it with `jbake test {} --region {region}`, or pass --allow-untested",
+            i.split_whitespace().next().unwrap_or_default()
+        ),
+        None => ": bake one with `jbake controller` (it is tested as it is baked)".to_string(),
+    }
 }
 
 /// Why an image is not a controller image jbake can roll out.

@@ -79,6 +79,28 @@ pub struct Busy {
     pub running: Vec<String>,
 }
 
+impl Busy {
+    /// Without the builds whose URL starts with one of `ignored` (the build that runs the roll
+    /// itself: `--ignore-build "$BUILD_URL"` in a Jenkinsfile; its pipeline's `node` blocks
+    /// run under the same URL).
+    pub fn ignoring(self, ignored: &[String]) -> Busy {
+        if ignored.is_empty() {
+            return self;
+        }
+        let before = self.running.len();
+        let running: Vec<String> = self
+            .running
+            .into_iter()
+            .filter(|url| !ignored.iter().any(|i| url.starts_with(i.as_str())))
+            .collect();
+        let removed = (before - running.len()) as u64;
+        Busy {
+            count: self.count.saturating_sub(removed),
+            running,
+        }
+    }
+}
+
 pub struct Jenkins {
     base: String,
     auth: Option<String>,
@@ -434,6 +456,11 @@ mod tests {
         let b = parse_busy(body).expect("parses");
         assert_eq!(b.count, 2);
         assert_eq!(b.running, ["http://j/job/p/7/", "http://j/job/a/3/"]);
+        // The roll's own build (a pipeline: its flyweight and node blocks) does not count.
+        let own = b.clone().ignoring(&["http://j/job/p/7/".to_string()]);
+        assert_eq!((own.count, own.running.len()), (1, 1));
+        let none = b.ignoring(&["http://j/job/other/1/".to_string()]);
+        assert_eq!(none.count, 2);
     }
 
     #[test]

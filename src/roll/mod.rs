@@ -106,6 +106,10 @@ pub struct RollOptions {
     pub allow_efs_change: bool,
     /// Send the Jenkins credentials over plain HTTP.
     pub allow_insecure_http: bool,
+    /// Roll to an image without a boot test result (never to one that failed it).
+    pub allow_untested: bool,
+    /// Builds the drain does not wait for (URL prefixes): the build that runs this roll.
+    pub ignore_builds: Vec<String>,
 }
 
 /// Everything found before any change.
@@ -259,7 +263,7 @@ pub async fn prepare(opts: &RollOptions, aws: &Aws, progress: &Progress) -> Resu
         },
         region: aws.region.clone(),
     })?;
-    let new = plan::choose(aws, opts.ami.as_deref(), &opts.recipe).await?;
+    let new = plan::choose(aws, opts.ami.as_deref(), &opts.recipe, opts.allow_untested).await?;
     let running_image = aws.ec2.image(&running.image_id).await?;
     let current = match &running_image {
         Some(i) => ImageSummary::of(i),
@@ -271,6 +275,7 @@ pub async fn prepare(opts: &RollOptions, aws: &Aws, progress: &Progress) -> Resu
             image: ImageSummary::of(&new),
         });
     }
+    checks::tested(&new, opts.allow_untested, &aws.region)?;
     checks::images(
         opts.strategy,
         opts.allow_efs_change,

@@ -2,11 +2,12 @@
 
 use crate::aws::ec2::{self, ImageInfo};
 use crate::aws::Aws;
-use crate::build::tags;
+use crate::bake::tags;
 
 use crate::aws::asg::Sizes;
 use crate::aws::elb::TargetGroupInfo;
 
+use super::checks::{self, TestState};
 use super::discover::Discovered;
 use super::error::{Error, ImageProblem, Refusal};
 use super::Strategy;
@@ -106,8 +107,15 @@ pub fn check_controller_image(i: &ImageInfo, recipe: &str) -> Result<(), ImagePr
     Ok(())
 }
 
-/// The image to roll out: `--ami`, checked, or the newest complete controller image.
-pub async fn choose(aws: &Aws, ami: Option<&str>, recipe: &str) -> Result<ImageInfo, Error> {
+/// The image to roll out: `--ami`, checked, or the newest complete controller image that passed
+/// its boot test (with `allow_untested`, the newest not known to have failed it). The boot test's
+/// refusal for `--ami` is [`checks::tested`](super::checks::tested)'s.
+pub async fn choose(
+    aws: &Aws,
+    ami: Option<&str>,
+    recipe: &str,
+    allow_untested: bool,
+) -> Result<ImageInfo, Error> {
     if let Some(id) = ami {
         let image = aws.ec2.image(id).await?.ok_or_else(|| Refusal::NoSuchAmi {
             id: id.to_string(),
@@ -123,17 +131,46 @@ pub async fn choose(aws: &Aws, ami: Option<&str>, recipe: &str) -> Result<ImageI
         .into_iter()
         .filter(|i| check_controller_image(i, recipe).is_ok())
         .collect();
+    let any_image = !found.is_empty();
     found.sort_by(|a, b| {
         (&b.creation_date, version_key(b.tag(tags::VERSION)))
             .cmp(&(&a.creation_date, version_key(a.tag(tags::VERSION))))
     });
-    found.into_iter().next().ok_or_else(|| {
-        Refusal::NoImage {
-            recipe: recipe.to_string(),
-            region: aws.region.clone(),
+    newest_rollable(found, allow_untested).map_err(|untested| {
+        if untested.is_none() && !any_image {
+            Refusal::NoImage {
+                recipe: recipe.to_string(),
+                region: aws.region.clone(),
+            }
+        } else {
+            Refusal::NoTestedImage {
+                recipe: recipe.to_string(),
+                region: aws.region.clone(),
+                untested,
+            }
         }
         .into()
     })
+}
+
+/// The first of `newest_first` that passed its boot test (or, with `allow_untested`, was never
+/// tested). Err: the newest untested one (`id (name)`), if any. Pure.
+pub fn newest_rollable(
+    newest_first: Vec<ImageInfo>,
+    allow_untested: bool,
+) -> Result<ImageInfo, Option<String>> {
+    let mut untested = None;
+    for i in newest_first {
+        match checks::test_state(&i) {
+            TestState::Passed => return Ok(i),
+            TestState::Untested if allow_untested => return Ok(i),
+            TestState::Untested if untested.is_none() => {
+                untested = Some(format!("{} ({})", i.id, i.name))
+            }
+            _ => {}
+        }
+    }
+    Err(untested)
 }
 
 /// What a roll will do, shown before it does it (and all `--dry-run` does).
@@ -350,6 +387,53 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("is pending, not available"), "{e}");
+    }
+
+    #[test]
+    fn the_newest_tested_image_rolls_by_default() {
+        let img = |id: &str, tested: Option<&str>| {
+            let mut i = ImageInfo {
+                id: id.into(),
+                name: format!("jenkins-controller-{id}"),
+                state: "available".into(),
+                creation_date: String::new(),
+                root_device: None,
+                snapshots: vec![],
+                tags: vec![],
+            };
+            if let Some(t) = tested {
+                i.tags.push((tags::TESTED.into(), t.into()));
+            }
+            i
+        };
+        let newest_first = || {
+            vec![
+                img("ami-failed", Some("false")),
+                img("ami-untested", None),
+                img("ami-passed", Some("true")),
+                img("ami-older", Some("true")),
+            ]
+        };
+        assert_eq!(
+            newest_rollable(newest_first(), false).map(|i| i.id),
+            Ok("ami-passed".to_string())
+        );
+        assert_eq!(
+            newest_rollable(newest_first(), true).map(|i| i.id),
+            Ok("ami-untested".to_string())
+        );
+        assert_eq!(
+            newest_rollable(
+                vec![img("ami-failed", Some("false")), img("ami-u", None)],
+                false
+            )
+            .map(|i| i.id),
+            Err(Some("ami-u (jenkins-controller-ami-u)".to_string()))
+        );
+        assert_eq!(
+            newest_rollable(vec![img("ami-failed", Some("false"))], true).map(|i| i.id),
+            Err(None)
+        );
     }
 
     #[test]

@@ -191,12 +191,20 @@ pub async fn drain(ctx: &Ctx<'_>) -> Result<Option<Instant>, Why> {
     let mut interval = Duration::from_millis(500);
     let mut last = String::new();
     loop {
-        let busy = j.busy().await.map_err(Why::Busy)?;
+        let busy = j
+            .busy()
+            .await
+            .map_err(Why::Busy)?
+            .ignoring(&opts.ignore_builds);
         if busy.count == 0 {
             // The last good answer, then one more look at the executors.
             let login = j.login().await.ok().filter(|l| l.is_up());
             let at = Instant::now();
-            let again = j.busy().await.map_err(Why::Busy)?;
+            let again = j
+                .busy()
+                .await
+                .map_err(Why::Busy)?
+                .ignoring(&opts.ignore_builds);
             if again.count == 0 {
                 if login.is_none() {
                     ctx.progress.warn(
@@ -249,7 +257,11 @@ pub async fn stop_old(ctx: &Ctx<'_>, drained: Option<Instant>) -> Result<Option<
         return Ok(None);
     }
     ctx.journal.update(|s| s.old_stopping = true);
-    let sent = if ctx.opts.no_drain {
+    // `/safeExit` waits for every running build; the builds the drain was told to ignore (the
+    // Jenkins build running this roll) would keep it waiting for ever, so then the drain has
+    // already made sure nothing else runs, and `/exit` stops it at once (a pipeline build is
+    // saved and resumes on the new controller).
+    let sent = if ctx.opts.no_drain || !ctx.opts.ignore_builds.is_empty() {
         j.exit().await
     } else {
         j.safe_exit().await

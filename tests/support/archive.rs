@@ -43,3 +43,30 @@ pub fn private_keys(archive: &Path) -> Vec<String> {
     found.sort();
     found
 }
+
+/// Every path in the archive (`etc/ssh/…`, without the leading `./`; folders end in `/`).
+pub fn list(archive: &Path) -> Vec<String> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("zstd -dc -q \"$1\" | tar -tf -")
+        .args(["sh", &archive.display().to_string()])
+        .output()
+        .expect("list the archive");
+    assert!(out.status.success(), "cannot list {}", archive.display());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim_start_matches("./").to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// The content of one file of the archive (`etc/machine-id`), `None` if it has none there.
+pub fn read(archive: &Path, path: &str) -> Option<Vec<u8>> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("zstd -dc -q \"$1\" | tar -xOf - \"./$2\"")
+        .args(["sh", &archive.display().to_string(), path])
+        .output()
+        .expect("read from the archive");
+    out.status.success().then_some(out.stdout)
+}

@@ -20,11 +20,14 @@ Commands:
                                        named as given (gc tests)
   watch {"tag_key","instance_type"}    forever: one JSON line per new running instance
                                        (of that type, when given), with its decoded user
-                                       data and key pair public key
+                                       data, key pair public key, image and the instance
+                                       that image was made from (if CreateImage made it);
+                                       then one line {"event": "terminated"} when it goes
 """
 
 import base64
 import json
+import re
 import sys
 import time
 import uuid
@@ -300,13 +303,32 @@ def plant(args):
     return out
 
 
+def source_instance(ec2, image_id):
+    """The instance CreateImage made `image_id` from (its snapshot's description says)."""
+    try:
+        images = ec2.describe_images(ImageIds=[image_id])["Images"]
+        snaps = [b["Ebs"]["SnapshotId"] for i in images for b in i.get("BlockDeviceMappings", [])
+                 if b.get("Ebs", {}).get("SnapshotId")]
+        if not snaps:
+            return None
+        for s in ec2.describe_snapshots(SnapshotIds=snaps)["Snapshots"]:
+            m = re.match(r"Created by CreateImage\((i-[0-9a-f]+)\)", s.get("Description") or "")
+            if m:
+                return m.group(1)
+    except Exception as e:  # noqa: BLE001 - a base image moto made up, say
+        print(f"awsctl watch: image {image_id}: {e}", file=sys.stderr, flush=True)
+    return None
+
+
 def watch(args):
     ec2 = client("ec2", args.get("region"))
     tag_key = args.get("tag_key")
     seen = set()
+    gone = set()
     while True:
         try:
-            filters = [{"Name": "instance-state-name", "Values": ["running"]}]
+            filters = [{"Name": "instance-state-name",
+                        "Values": ["running", "shutting-down", "terminated"]}]
             if tag_key:
                 filters.append({"Name": "tag-key", "Values": [tag_key]})
             if args.get("instance_type"):
@@ -315,6 +337,12 @@ def watch(args):
             for r in reservations:
                 for i in r["Instances"]:
                     iid = i["InstanceId"]
+                    if i["State"]["Name"] != "running":
+                        if iid in seen and iid not in gone:
+                            gone.add(iid)
+                            print(json.dumps({"event": "terminated", "instance_id": iid}),
+                                  flush=True)
+                        continue
                     if iid in seen:
                         continue
                     seen.add(iid)
@@ -328,7 +356,10 @@ def watch(args):
                         except Exception as e:  # noqa: BLE001
                             print(f"awsctl watch: key pair {i['KeyName']}: {e}", file=sys.stderr)
                     print(json.dumps({
+                        "event": "launched",
                         "instance_id": iid,
+                        "image_id": i.get("ImageId"),
+                        "source_instance": source_instance(ec2, i["ImageId"]),
                         "key_name": i.get("KeyName"),
                         "public_key": public_key,
                         "user_data": decode_user_data(ec2, iid),

@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 
 use super::cli::jbake;
 use super::instance::Instance;
-use super::moto::{FaultProxy, Moto, REGION};
+use super::moto::{CloudInit, FaultProxy, Moto, REGION};
 use super::prereq;
 
 /// A public parameter moto has (it has no Debian ones): the base of every build against moto.
@@ -94,21 +94,23 @@ pub fn controller_vars(mirror: &str, sha: &str) -> Vec<String> {
     ]
 }
 
-/// `jbake ARGS` (`controller --efs-id …`, `agent`) against moto through `proxy`, which holds
-/// the first DescribeInstances back ([`BOOTING`]) while [`CloudInit`] installs the user-data
-/// host key on `vm`; SSH goes to the nspawn `vm`; the build's record goes to `manifest`.
-/// Add `--output json` or more flags to the command as needed.
-///
-/// [`CloudInit`]: super::moto::CloudInit
+/// `jbake ARGS` (`controller --efs-id …`, `agent`) against moto through `proxy`, which shows
+/// each instance `pending` until `cloud` served it ([`BOOTS_LIKE_EC2`]): the build instance
+/// once the user-data host key is on `vm`, the boot test's instance once `cloud` booted a
+/// machine from the image (its address then is the instance's IP); SSH to the build instance
+/// goes to the nspawn `vm`; the build's record goes to `manifest`. Add `--output json` or more
+/// flags to the command as needed.
 pub fn bake_command(
     args: &[&str],
     moto: &Moto,
     proxy: &FaultProxy,
+    cloud: &CloudInit,
     vm: &Instance,
     vars: &[String],
     manifest: &Path,
 ) -> Command {
-    proxy.set(BOOTING);
+    proxy.world(BOOTS_LIKE_EC2);
+    cloud.report_to(proxy);
     let mut cmd = jbake();
     moto.apply_env(&mut cmd);
     cmd.args(args)

@@ -7,6 +7,9 @@ Usage: fault_proxy.py UPSTREAM_URL   (listens on 127.0.0.1, a free port; prints
 Control endpoints (on the proxy itself, never forwarded):
   POST /__fault__/rules   JSON list of rules, replacing the current ones
   GET  /__fault__/log     JSON list of {"action", "region", "fault"} for every request seen
+  POST /__fault__/address {"instance_id", "ip"}: DescribeInstances shows that instance's public
+                          and private IP as `ip` (the nspawn machine the harness booted for it:
+                          moto's addresses lead nowhere), with or without the world
 
 A rule: {"action": "CreateImage", "status": 500, "code": "InternalError",
 "message": "...", "times": N (default unlimited), "delay_ms": M, "drop": true,
@@ -49,7 +52,8 @@ EC2 as AWS documents it and moto does not show it, in scaled time (seconds, not 
                       request with probability P, starts a burst of B answers HTTP 503
                       RequestLimitExceeded (the request does not reach moto)
   "lose_once": [ACTION, ...]   the first successful answer to each is lost after the call took
-                      effect; "lose_p": P, "lose_actions": [...]: each such answer with
+                      effect; "lose_nth": {ACTION: [N, ...]}: the Nth successful answers to
+                      it (counted from 1); "lose_p": P, "lose_actions": [...]: each such answer with
                       probability P; "lose_how": ["drop", "500"] (default both, chosen at
                       random): the connection closes without an answer, or HTTP 500
                       InternalError
@@ -127,6 +131,7 @@ def take_rule(action, region=""):
 EC2_NS = "http://ec2.amazonaws.com/doc/2016-11-15"
 WORLD = None
 READY = set()  # instance ids cloud-init is done with (POST /__fault__/ready)
+ADDRESSES = {}  # instance id -> the address of the machine that plays it
 NOT_FOUND = {
     "instance": ("InvalidInstanceID.NotFound", "The instance ID '{}' does not exist"),
     "group": ("InvalidGroup.NotFound", "The security group '{}' does not exist"),
@@ -172,6 +177,7 @@ class World:
         self.requests = 0
         self.burst = 0
         self.lost_once = set()
+        self.answered = {}  # action -> successful answers so far (for lose_nth)
         self.stats = {}
 
     def count(self, what):
@@ -373,7 +379,10 @@ class World:
     def lose(self, action):
         """Whether the answer to this (successful) call is lost; how."""
         how = self.cfg.get("lose_how") or ["drop", "500"]
-        if action in (self.cfg.get("lose_once") or []) and action not in self.lost_once:
+        n = self.answered[action] = self.answered.get(action, 0) + 1
+        if n in ((self.cfg.get("lose_nth") or {}).get(action) or []):
+            pass
+        elif action in (self.cfg.get("lose_once") or []) and action not in self.lost_once:
             self.lost_once.add(action)
         elif action in (self.cfg.get("lose_actions") or []) and self.rng.random() < self.f("lose_p"):
             pass
@@ -381,6 +390,33 @@ class World:
             return None
         self.count("lost")
         return self.rng.choice(how)
+
+
+def readdress(data):
+    """A DescribeInstances answer with the addresses of POST /__fault__/address."""
+    with LOCK:
+        addresses = dict(ADDRESSES)
+    if not addresses:
+        return data
+    try:
+        root = ET.fromstring(data)
+    except ET.ParseError:
+        return data
+    changed = False
+    for inst in root.iter(q("item")):
+        ip = addresses.get(inst.findtext(q("instanceId")) or "")
+        if not ip:
+            continue
+        for tag in ("ipAddress", "privateIpAddress"):
+            el = inst.find(q(tag))
+            if el is None:
+                el = ET.SubElement(inst, q(tag))
+            el.text = ip
+        changed = True
+    if not changed:
+        return data
+    ET.register_namespace("", EC2_NS)
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -422,6 +458,11 @@ class Handler(BaseHTTPRequestHandler):
             with LOCK:
                 READY.add(json.loads(body or b"{}").get("instance_id"))
             self._reply(200, b"ok", "text/plain")
+        elif self.command == "POST" and self.path == "/__fault__/address":
+            args = json.loads(body or b"{}")
+            with LOCK:
+                ADDRESSES[args.get("instance_id")] = args.get("ip")
+            self._reply(200, b"ok", "text/plain")
         elif self.command == "POST" and self.path == "/__fault__/release":
             key = json.loads(body or b"{}").get("hold")
             with LOCK:
@@ -440,6 +481,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.path.startswith("/__fault__/"):
             return self._control(body)
         action = action_of(self.path, self.headers, body)
+        self._action = action
         region = region_of(self.headers)
         rule = take_rule(action, region) if action else None
         with LOCK:
@@ -534,6 +576,8 @@ class Handler(BaseHTTPRequestHandler):
             conn.close()
 
     def _send(self, status, headers, data):
+        if getattr(self, "_action", "") == "DescribeInstances" and 200 <= status < 300:
+            data = readdress(data)
         self.send_response(status)
         for k, v in headers:
             if k.lower() not in HOP_HEADERS and k.lower() != "content-length":

@@ -842,12 +842,26 @@ pub struct Served {
     pub instance_id: String,
     /// The host key installed from the user data: `ssh-ed25519 AAAA…`.
     pub host_public_key: String,
+    /// The AMI it was launched from.
+    pub image_id: String,
+    /// For an instance launched from an image made by CreateImage of an instance this stand-in
+    /// served: the nspawn machine booted from that image's archive (its name), else `None` (the
+    /// instance was served into the machine the stand-in was given).
+    pub booted: Option<String>,
 }
 
-/// What cloud-init needs from one launched instance.
+/// What cloud-init needs from one launched instance (or that it is gone).
 #[derive(Debug, Deserialize)]
 struct Launched {
+    /// `launched` or `terminated`.
+    #[serde(default)]
+    event: Option<String>,
     instance_id: String,
+    #[serde(default)]
+    image_id: Option<String>,
+    /// The instance CreateImage made `image_id` from, if it did.
+    #[serde(default)]
+    source_instance: Option<String>,
     public_key: Option<String>,
     user_data: Option<String>,
 }
@@ -855,22 +869,61 @@ struct Launched {
 /// Where the keys go.
 enum Target {
     Sshd(SshdReload),
-    Instance { name: String, user: String },
+    Instance {
+        name: String,
+        user: String,
+        /// The body of the harness's own login key on the machine (a real base AMI does not
+        /// have it): taken off before its disk becomes an image.
+        harness_key: Option<String>,
+    },
 }
 
-/// Plays cloud-init for the instances launched in moto: a background watcher
-/// (`awsctl.py watch`, polling every 100 ms) reports every new running instance; for
-/// each one the user data's `ssh_keys.ed25519_private` becomes the host key of the
-/// stand-in server and the instance's key pair public key is authorized for its
-/// login user, then sshd reloads. Stops (watcher killed by PID) on drop.
+/// A machine the stand-in booted from an image, for an instance launched from that image.
+#[derive(Debug, Clone)]
+struct Booted {
+    instance_id: String,
+    name: String,
+    down: bool,
+}
+
+/// The state the watcher thread and the test share.
+#[derive(Default)]
+struct Shared {
+    served: Vec<Served>,
+    errors: Vec<String>,
+    /// Fault proxies told when an instance is served ([`CloudInit::report_to`]).
+    report: Vec<u16>,
+    /// AMI → its root file system (`.tar.zst`).
+    images: BTreeMap<String, PathBuf>,
+    booted: Vec<Booted>,
+}
+
+/// Plays cloud-init for the instances launched in moto, and EC2's part for the images made
+/// from them: a background watcher (`awsctl.py watch`, polling every 100 ms) reports every new
+/// running instance.
+///
+/// - An instance launched from a base image: the user data's `ssh_keys.ed25519_private`
+///   becomes the host key of the stand-in server (the quick-tier sshd or the nspawn machine
+///   the stand-in was given) and the instance's key pair public key is authorized for its login
+///   user, then sshd reloads.
+/// - An instance launched from an image CreateImage made of an instance served into the
+///   nspawn machine (the boot test's test instance, `jbake test`): that machine is stopped and
+///   its root file system archived (once per image: what EC2 snapshots), and a new machine
+///   boots from the archive as EC2 boots an AMI (`scripts/instance up --first-boot`: the
+///   image's own machine id and host keys, with the user data's host key and the key pair's
+///   key installed as cloud-init would). Its address goes to the proxies of
+///   [`report_to`](CloudInit::report_to), which show it as the instance's IP. When the
+///   instance is terminated, the machine is powered off and removed. Images archived elsewhere
+///   can be given with [`add_image`](CloudInit::add_image).
+///
+/// Stops (watcher killed by PID, the machines it booted removed) on drop.
 pub struct CloudInit {
     watcher: Child,
-    served: Arc<Mutex<Vec<Served>>>,
-    /// Fault proxies told when an instance is served ([`CloudInit::report_to`]).
-    report: Arc<Mutex<Vec<u16>>>,
-    errors: Arc<Mutex<Vec<String>>>,
+    shared: Arc<Mutex<Shared>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The archives of the images it made (under /var/tmp: they are large).
+    work: Arc<TempDir>,
 }
 
 impl CloudInit {
@@ -885,16 +938,21 @@ impl CloudInit {
 
     /// Serves instances into a booted nspawn [`Instance`] (for its login user): the
     /// user-data key becomes its only host key (`Instance::host_key` and
-    /// `Instance::known_hosts` keep the old one; use [`Served::host_public_key`]).
+    /// `Instance::known_hosts` keep the old one; use [`Served::host_public_key`]). Instances
+    /// of images made from it boot machines of their own.
     pub fn for_instance(moto: &Moto, instance: &Instance) -> CloudInit {
-        Self::start(
-            moto,
-            None,
-            Target::Instance {
-                name: instance.name.clone(),
-                user: instance.user.clone(),
-            },
-        )
+        Self::start(moto, None, Self::target(instance))
+    }
+
+    fn target(instance: &Instance) -> Target {
+        let harness_key = fs::read_to_string(format!("{}.pub", instance.identity.display()))
+            .ok()
+            .and_then(|k| k.split_whitespace().nth(1).map(str::to_string));
+        Target::Instance {
+            name: instance.name.clone(),
+            user: instance.user.clone(),
+            harness_key,
+        }
     }
 
     /// Serves only instances tagged with `jbake:build-id` (any value), and into `sshd`.
@@ -909,22 +967,35 @@ impl CloudInit {
         instance: &Instance,
         instance_type: &str,
     ) -> CloudInit {
-        Self::start_filtered(
-            moto,
-            None,
-            Some(instance_type),
-            Target::Instance {
-                name: instance.name.clone(),
-                user: instance.user.clone(),
-            },
-        )
+        Self::start_filtered(moto, None, Some(instance_type), Self::target(instance))
     }
 
     /// From now on every instance served is reported to `proxy` (POST /__fault__/ready), whose
     /// realistic world (`"pending_until_ready": true`) shows it `pending` until then: like EC2,
-    /// where sshd answers with the user-data host key only once cloud-init installed it.
+    /// where sshd answers with the user-data host key only once cloud-init installed it. A
+    /// machine booted for an instance is given to it as the instance's address first.
     pub fn report_to(&self, proxy: &FaultProxy) {
-        self.report.lock().expect("report lock").push(proxy.port);
+        let mut s = self.lock();
+        if !s.report.contains(&proxy.port) {
+            s.report.push(proxy.port);
+        }
+    }
+
+    /// Boot instances launched from `ami` from this archive (an image made earlier, by another
+    /// stand-in, or by the test itself).
+    pub fn add_image(&self, ami: &str, archive: &Path) {
+        self.lock()
+            .images
+            .insert(ami.to_string(), archive.to_path_buf());
+    }
+
+    /// The archive of `ami`'s root file system, if the stand-in made or was given one.
+    pub fn image_archive(&self, ami: &str) -> Option<PathBuf> {
+        self.lock().images.get(ami).cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn start(moto: &Moto, tag_key: Option<&str>, target: Target) -> CloudInit {
@@ -956,40 +1027,66 @@ impl CloudInit {
         apply(&mut cmd, &moto.env_with(&moto.endpoint(), &key, &secret));
         let mut watcher = cmd.spawn().expect("spawn python3 awsctl.py watch");
         let stdout = watcher.stdout.take().expect("watcher stdout");
-        let served = Arc::new(Mutex::new(Vec::new()));
-        let errors = Arc::new(Mutex::new(Vec::new()));
+        let shared = Arc::new(Mutex::new(Shared::default()));
         let stop = Arc::new(AtomicBool::new(false));
-        let report: Arc<Mutex<Vec<u16>>> = Arc::new(Mutex::new(Vec::new()));
+        let work = Arc::new(
+            tempfile::Builder::new()
+                .prefix("jbake-images-")
+                .tempdir_in("/var/tmp")
+                .expect("create the image archive folder"),
+        );
         let thread = {
-            let (served, errors, stop) = (served.clone(), errors.clone(), stop.clone());
-            let report = report.clone();
+            let (shared, stop, work) = (shared.clone(), stop.clone(), work.clone());
             std::thread::spawn(move || {
                 for line in BufReader::new(stdout).lines() {
                     let Ok(line) = line else { break };
                     if stop.load(Ordering::SeqCst) {
                         break;
                     }
-                    let result = serde_json::from_str::<Launched>(&line)
-                        .map_err(|e| format!("watcher printed {line:?}: {e}"))
-                        .and_then(|launched| serve(&target, &launched));
-                    match result {
-                        Ok(s) => {
-                            let body =
-                                serde_json::json!({ "instance_id": s.instance_id }).to_string();
-                            for port in report.lock().expect("report lock").iter() {
+                    let launched = match serde_json::from_str::<Launched>(&line) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            let e = format!("watcher printed {line:?}: {e}");
+                            eprintln!("CloudInit: {e}");
+                            lock(&shared).errors.push(e);
+                            continue;
+                        }
+                    };
+                    if launched.event.as_deref() == Some("terminated") {
+                        power_off(&shared, &launched.instance_id);
+                        continue;
+                    }
+                    match handle(&target, &shared, work.path(), &launched) {
+                        Ok((s, address)) => {
+                            let ports = lock(&shared).report.clone();
+                            let id = serde_json::json!({ "instance_id": s.instance_id });
+                            for port in ports {
+                                if let Some(ip) = &address {
+                                    let body = serde_json::json!({
+                                        "instance_id": s.instance_id,
+                                        "ip": ip,
+                                    });
+                                    let _ = http(
+                                        port,
+                                        "POST",
+                                        "/__fault__/address",
+                                        "application/json",
+                                        &body.to_string(),
+                                    );
+                                }
                                 let _ = http(
-                                    *port,
+                                    port,
                                     "POST",
                                     "/__fault__/ready",
                                     "application/json",
-                                    &body,
+                                    &id.to_string(),
                                 );
                             }
-                            served.lock().expect("served lock").push(s)
+                            lock(&shared).served.push(s)
                         }
                         Err(e) => {
                             eprintln!("CloudInit: {e}");
-                            errors.lock().expect("errors lock").push(e);
+                            lock(&shared).errors.push(e);
                         }
                     }
                 }
@@ -997,39 +1094,61 @@ impl CloudInit {
         };
         CloudInit {
             watcher,
-            served,
-            report,
-            errors,
+            shared,
             stop,
             thread: Some(thread),
+            work,
         }
     }
 
     /// The instances served so far, in order.
     pub fn served(&self) -> Vec<Served> {
-        self.served.lock().expect("served lock").clone()
+        self.lock().served.clone()
     }
 
     /// Instances that could not be served (no user data, no key pair, ...).
     pub fn errors(&self) -> Vec<String> {
-        self.errors.lock().expect("errors lock").clone()
+        self.lock().errors.clone()
+    }
+
+    /// The machines booted for instances of images and not removed yet: `(instance id, name)`.
+    pub fn booted_running(&self) -> Vec<(String, String)> {
+        self.lock()
+            .booted
+            .iter()
+            .filter(|b| !b.down)
+            .map(|b| (b.instance_id.clone(), b.name.clone()))
+            .collect()
     }
 
     /// Waits until at least one instance is served; returns the last one served.
     pub fn wait_served(&self, timeout: Duration) -> Served {
+        self.wait_served_n(1, timeout)
+    }
+
+    /// Waits until at least `n` instances are served; returns the last one served.
+    pub fn wait_served_n(&self, n: usize, timeout: Duration) -> Served {
         let start = Instant::now();
         loop {
-            if let Some(s) = self.served().last() {
-                return s.clone();
+            let served = self.served();
+            if served.len() >= n {
+                if let Some(s) = served.last() {
+                    return s.clone();
+                }
             }
             assert!(
                 start.elapsed() < timeout,
-                "CloudInit served no instance within {timeout:?}; errors: {:?}",
+                "CloudInit served {} of {n} instances within {timeout:?}; errors: {:?}",
+                served.len(),
                 self.errors()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Drop for CloudInit {
@@ -1040,7 +1159,244 @@ impl Drop for CloudInit {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join(); // its stdout is closed now: the loop ends
         }
+        let left: Vec<Booted> = self
+            .lock()
+            .booted
+            .iter()
+            .filter(|b| !b.down)
+            .cloned()
+            .collect();
+        for b in left {
+            down(&b.name);
+        }
+        let _ = &self.work;
     }
+}
+
+/// `scripts/instance down NAME`, reporting a failure.
+fn down(name: &str) {
+    match super::command(super::instance::script())
+        .args(["down", name])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+    {
+        Ok(s) if s.success() => {}
+        other => eprintln!("CloudInit: scripts/instance down {name}: {other:?}"),
+    }
+}
+
+/// The instance is terminated: the machine booted for it goes.
+fn power_off(shared: &Mutex<Shared>, instance_id: &str) {
+    let name = {
+        let mut s = lock(shared);
+        let Some(b) = s
+            .booted
+            .iter_mut()
+            .find(|b| b.instance_id == instance_id && !b.down)
+        else {
+            return;
+        };
+        b.down = true;
+        b.name.clone()
+    };
+    down(&name);
+}
+
+/// Serves one launched instance; returns it and, for a machine booted for it, its address.
+fn handle(
+    target: &Target,
+    shared: &Mutex<Shared>,
+    work: &Path,
+    launched: &Launched,
+) -> Result<(Served, Option<String>), String> {
+    let image_id = launched.image_id.clone().unwrap_or_default();
+    if let Some(archive) = archive_for(target, shared, work, launched)? {
+        if !matches!(target, Target::Instance { .. }) {
+            return Err(format!(
+                "{}: instances of images are booted on the instance tier only",
+                launched.instance_id
+            ));
+        }
+        let (name, host, host_public_key) = boot(work, &archive, launched)?;
+        lock(shared).booted.push(Booted {
+            instance_id: launched.instance_id.clone(),
+            name: name.clone(),
+            down: false,
+        });
+        return Ok((
+            Served {
+                instance_id: launched.instance_id.clone(),
+                host_public_key,
+                image_id,
+                booted: Some(name),
+            },
+            Some(host),
+        ));
+    }
+    serve(target, launched).map(|s| (s, None))
+}
+
+/// The archive to boot `launched` from: the image's, made now from the machine its source
+/// instance was served into if there is none yet; `None` for a base image.
+fn archive_for(
+    target: &Target,
+    shared: &Mutex<Shared>,
+    work: &Path,
+    launched: &Launched,
+) -> Result<Option<PathBuf>, String> {
+    let Some(ami) = &launched.image_id else {
+        return Ok(None);
+    };
+    if let Some(path) = lock(shared).images.get(ami) {
+        return Ok(Some(path.clone()));
+    }
+    let Some(source) = &launched.source_instance else {
+        return Ok(None);
+    };
+    let served_here = lock(shared)
+        .served
+        .iter()
+        .any(|s| &s.instance_id == source && s.booted.is_none());
+    if !served_here {
+        return Ok(None);
+    }
+    let Target::Instance {
+        name,
+        user,
+        harness_key,
+    } = target
+    else {
+        return Err(format!(
+            "{ami} was made from {source}, which was served into the quick-tier sshd: only an nspawn machine can become an image"
+        ));
+    };
+    let archive = work.join(format!("{ami}.tar.zst"));
+    snapshot(name, user, harness_key.as_deref(), &archive)?;
+    lock(shared).images.insert(ami.clone(), archive.clone());
+    Ok(Some(archive))
+}
+
+fn instance_script(args: &[&str]) -> Result<std::process::Output, String> {
+    super::command(super::instance::script())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("run scripts/instance {}: {e}", args.join(" ")))
+}
+
+fn checked(args: &[&str]) -> Result<String, String> {
+    let out = instance_script(args)?;
+    if !out.status.success() {
+        return Err(format!(
+            "scripts/instance {} failed: {}{}",
+            args.first().copied().unwrap_or_default(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+/// What EC2 does at CreateImage of a stopped instance: the machine is powered off (if jbake's
+/// StopInstances has not been played yet) and its root file system archived. The harness's own
+/// login key, which a real base AMI does not have, is taken off first.
+fn snapshot(
+    name: &str,
+    user: &str,
+    harness_key: Option<&str>,
+    archive: &Path,
+) -> Result<(), String> {
+    let t = Instant::now();
+    if let Some(key) = harness_key {
+        let quote = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
+        let script = format!(
+            "f=$(getent passwd {u} | cut -d: -f6)/.ssh/authorized_keys\n\
+             [ -f \"$f\" ] || exit 0\n\
+             grep -vF {k} \"$f\" > \"$f.jbake-harness\" || true\n\
+             cat \"$f.jbake-harness\" > \"$f\"; rm -f \"$f.jbake-harness\"\n",
+            u = quote(user),
+            k = quote(key)
+        );
+        // Only while it still runs (it may be stopped already).
+        let _ = instance_script(&["exec", name, "--", "sh", "-c", &script]);
+    }
+    checked(&["stop", name])?;
+    let path = archive.to_str().ok_or("archive path is not UTF-8")?;
+    checked(&["snapshot", name, path])?;
+    eprintln!(
+        "CloudInit: {name} stopped and archived to {} in {:.1?} ({} MB)",
+        archive.display(),
+        t.elapsed(),
+        fs::metadata(archive)
+            .map(|m| m.len() / 1_000_000)
+            .unwrap_or(0)
+    );
+    Ok(())
+}
+
+/// Boots a machine from `archive` for `launched`, with what cloud-init would install from its
+/// user data and key pair; returns its name, address and host key. Does not wait for sshd.
+fn boot(
+    work: &Path,
+    archive: &Path,
+    launched: &Launched,
+) -> Result<(String, String, String), String> {
+    let id = &launched.instance_id;
+    let user_data = launched
+        .user_data
+        .as_deref()
+        .ok_or_else(|| format!("{id}: no user data"))?;
+    let (private, _) = user_data_host_key(user_data)
+        .ok_or_else(|| format!("{id}: no ssh_keys.ed25519_private in the user data"))?;
+    let key_file = work.join(format!("{id}.host-key"));
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&key_file)
+            .map_err(|e| format!("write {}: {e}", key_file.display()))?;
+        f.write_all(private.as_bytes())
+            .map_err(|e| format!("write {}: {e}", key_file.display()))?;
+    }
+    let name = super::instance::unique_name("tst");
+    let key_path = key_file.to_str().ok_or("key path is not UTF-8")?;
+    let archive_path = archive.to_str().ok_or("archive path is not UTF-8")?;
+    let mut args = vec![
+        "up",
+        &name,
+        "--first-boot",
+        "--image",
+        archive_path,
+        "--host-key",
+        key_path,
+    ];
+    let client = launched.public_key.as_deref().map(str::trim);
+    if let Some(key) = client {
+        args.extend(["--authorized-key", key]);
+    }
+    let t = Instant::now();
+    let env = checked(&args);
+    let _ = fs::remove_file(&key_file);
+    let env = env?;
+    let get = |k: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(k).and_then(|r| r.strip_prefix('=')))
+            .map(str::to_string)
+            .ok_or_else(|| format!("scripts/instance up printed no {k}="))
+    };
+    let host = get("HOST")?;
+    let host_key = get("HOST_KEY")?;
+    eprintln!(
+        "CloudInit: {id} ({}) boots as {name} at {host} from {} ({:.1?})",
+        launched.image_id.as_deref().unwrap_or("?"),
+        archive.display(),
+        t.elapsed()
+    );
+    Ok((name, host, host_key))
 }
 
 /// The ed25519 host key pair in a cloud-config's `ssh_keys:` (as jbake writes it:
@@ -1091,11 +1447,13 @@ fn serve(target: &Target, launched: &Launched) -> Result<Served, String> {
             sshd.reload();
             public
         }
-        Target::Instance { name, user } => serve_instance(name, user, &private, client_key)?,
+        Target::Instance { name, user, .. } => serve_instance(name, user, &private, client_key)?,
     };
     Ok(Served {
         instance_id: id.clone(),
         host_public_key,
+        image_id: launched.image_id.clone().unwrap_or_default(),
+        booted: None,
     })
 }
 

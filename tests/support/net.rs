@@ -3,7 +3,8 @@
 //! - [`FileServer`]: serves the files of a folder over plain HTTP on a given address (the
 //!   instance's GATEWAY), the stand-in for a download site such as get.jenkins.io.
 //! - [`Forwarder`]: a TCP port on the GATEWAY forwarded to a port on 127.0.0.1 (moto), so the
-//!   instance reaches exactly that one loopback service and nothing else.
+//!   instance reaches exactly that one loopback service and nothing else (or to another
+//!   address: [`Forwarder::start_to`]).
 //! - [`http`]: a one-shot HTTP/1.1 request (like a load balancer's health check).
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -134,6 +135,18 @@ impl Forwarder {
             }
         })
         .unwrap_or_else(|e| panic!("forwarder on {bind}: {e}"));
+        Forwarder { acceptor }
+    }
+
+    /// Listens on `bind` and forwards to `target` (`host:port`): e.g. one instance's GATEWAY
+    /// to another instance's sshd, the only way between their network namespaces.
+    pub fn start_to(bind: &str, target: SocketAddr) -> Forwarder {
+        let acceptor = Acceptor::start(bind, move |client| {
+            if let Ok(upstream) = TcpStream::connect_timeout(&target, Duration::from_secs(5)) {
+                pipe(client, upstream);
+            }
+        })
+        .unwrap_or_else(|e| panic!("forwarder on {bind} to {target}: {e}"));
         Forwarder { acceptor }
     }
 

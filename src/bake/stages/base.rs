@@ -1,7 +1,7 @@
 //! Stage resolve-base: the base image, the content hash, whether an image of the same inputs
 //! exists (then nothing is built), and the version this build plans.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use crate::aws::ec2::{self, ImageInfo, Tags};
 use crate::aws::{self, Aws};
@@ -70,11 +70,30 @@ pub async fn resolve(b: &mut Bake) -> Result<Resolution, Error> {
             .ec2
             .own_images_tagged(tags::CONTENT_HASH, &content_hash)
             .await?;
-        if let Some(img) = same.iter().find(|i| {
-            ec2::image_available(&i.state)
-                && i.tag(tags::RECIPE) == Some(hashed.name.as_str())
-                && i.tag(tags::COMPLETE) != Some("false")
-        }) {
+        let newest = same_image(&same, &hashed.name);
+        let fresh = match (newest, b.opts.max_age) {
+            (Some(img), Some(max)) => {
+                let age = image_age(&img.creation_date, SystemTime::now());
+                match age {
+                    Some(age) if age > max => {
+                        b.progress.info(
+                            "outdated",
+                            &format!(
+                                "the inputs are unchanged, but {} ({}) is {} old, older than --max-age {}: building it again with the updates published since",
+                                img.id,
+                                img.name,
+                                crate::util::fmt_duration(age),
+                                crate::util::fmt_duration(max)
+                            ),
+                        );
+                        None
+                    }
+                    _ => Some(img),
+                }
+            }
+            (img, _) => img,
+        };
+        if let Some(img) = fresh {
             b.progress.info(
                 "unchanged",
                 &format!(
@@ -84,6 +103,13 @@ pub async fn resolve(b: &mut Bake) -> Result<Resolution, Error> {
                     content_hash.get(..12).unwrap_or_default()
                 ),
             );
+            let tested = img.tag(tags::TESTED).map(|t| t == "true");
+            if tested.is_none() {
+                b.progress.warn(&format!(
+                    "{} has no boot test result (baked with --skip-test, or before boot tests): `jbake test {} --region {}` tests it; `jbake roll` wants --allow-untested for it",
+                    img.id, img.id, b.aws.region
+                ));
+            }
             return Ok(Resolution::Unchanged(Box::new(Built {
                 recipe: hashed.name.clone(),
                 ami_id: img.id.clone(),
@@ -94,6 +120,7 @@ pub async fn resolve(b: &mut Bake) -> Result<Resolution, Error> {
                 skipped_unchanged: true,
                 build_id: b.build_id.clone(),
                 distributed: Default::default(),
+                tested,
             })));
         }
     }
@@ -133,6 +160,22 @@ pub async fn resolve(b: &mut Bake) -> Result<Resolution, Error> {
         expires,
         common,
     })))
+}
+
+/// The image that makes a build of `recipe` unnecessary, among those with its content hash:
+/// available, complete, and not failed at its boot test (a failed image is no result: the build
+/// makes a new one). Pure.
+pub fn same_image<'a>(same_hash: &'a [ImageInfo], recipe: &str) -> Option<&'a ImageInfo> {
+    same_hash
+        .iter()
+        .filter(|i| {
+            ec2::image_available(&i.state)
+                && i.tag(tags::RECIPE) == Some(recipe)
+                && i.tag(tags::COMPLETE) != Some("false")
+                && i.tag(tags::TESTED) != Some("false")
+        })
+        // The newest (the first of equals): --max-age judges its age.
+        .min_by(|a, b| b.creation_date.cmp(&a.creation_date))
 }
 
 /// Numbers of `day` taken by this account's images of `recipe` and reserved by other builds of
@@ -252,4 +295,78 @@ pub async fn resolve_base(aws: &Aws, spec: &BaseImage) -> Result<ImageInfo, Erro
         .into());
     }
     Ok(image)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(id: &str, tags: &[(&str, &str)]) -> ImageInfo {
+        ImageInfo {
+            id: id.into(),
+            name: format!("r-{id}"),
+            state: "available".into(),
+            creation_date: String::new(),
+            root_device: None,
+            snapshots: vec![],
+            tags: tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn an_image_that_failed_its_boot_test_is_never_the_unchanged_result() {
+        let failed = image(
+            "ami-f",
+            &[
+                (tags::RECIPE, "r"),
+                (tags::COMPLETE, "true"),
+                (tags::TESTED, "false"),
+            ],
+        );
+        let half = image("ami-h", &[(tags::RECIPE, "r"), (tags::COMPLETE, "false")]);
+        let other = image("ami-o", &[(tags::RECIPE, "o"), (tags::COMPLETE, "true")]);
+        let untested = image("ami-u", &[(tags::RECIPE, "r"), (tags::COMPLETE, "true")]);
+        let tested = image(
+            "ami-t",
+            &[
+                (tags::RECIPE, "r"),
+                (tags::COMPLETE, "true"),
+                (tags::TESTED, "true"),
+            ],
+        );
+        assert!(same_image(&[failed.clone(), half.clone(), other.clone()], "r").is_none());
+        let all = [failed, half, other, untested, tested];
+        assert_eq!(same_image(&all, "r").map(|i| i.id.as_str()), Some("ami-u"));
+    }
+}
+
+/// How old an image is, from its EC2 creation date (`2026-11-30T10:00:00.000Z`); None when the
+/// date cannot be read (then it counts as fresh: an unreadable date never forces a rebuild).
+fn image_age(created: &str, now: SystemTime) -> Option<Duration> {
+    let t = humantime::parse_rfc3339_weak(created.trim_end_matches('Z').split('.').next()?).ok()?;
+    now.duration_since(t).ok()
+}
+
+#[cfg(test)]
+mod age_tests {
+    use super::*;
+
+    #[test]
+    fn image_age_reads_ec2_dates() {
+        let now = humantime::parse_rfc3339("2026-11-30T12:00:00Z").unwrap();
+        assert_eq!(
+            image_age("2026-11-23T12:00:00.000Z", now),
+            Some(Duration::from_secs(7 * 24 * 3600))
+        );
+        assert_eq!(
+            image_age("2026-11-30T11:59:00Z", now),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(image_age("yesterday", now), None);
+        // From the future (clock skew): not old.
+        assert_eq!(image_age("2026-12-01T00:00:00.000Z", now), None);
+    }
 }

@@ -25,7 +25,13 @@ pub struct Imaged {
     pub entry: Entry,
 }
 
-pub async fn image(b: &mut Bake, r: &Resolved, launched: &Launched) -> Result<Imaged, Error> {
+/// `identity`: tags on the image only (the build's one-time identities, for the boot test).
+pub async fn image(
+    b: &mut Bake,
+    r: &Resolved,
+    launched: &Launched,
+    identity: &Tags,
+) -> Result<Imaged, Error> {
     // While EC2 makes the image (minutes, up to --image-timeout), gc must not take the build
     // for over: the image says until when it is being made. gc goes by the latest expires-at
     // of a build's resources.
@@ -51,7 +57,8 @@ pub async fn image(b: &mut Bake, r: &Resolved, launched: &Launched) -> Result<Im
         }
         let version = version::version(&r.day, number);
         let name = version::image_name(&r.plan.name, &version);
-        let (mut image_tags, snapshot_tags) = image_tags(r, &name, &version, &expires);
+        let (mut image_tags, snapshot_tags) = image_tags(r, &b.facts, &name, &version, &expires);
+        image_tags.extend(identity.iter().cloned());
         image_tags.extend(b.opts.distribution.image_tags());
         let description = format!(
             "{} {version} by jbake {} from {} ({})",
@@ -174,7 +181,13 @@ pub async fn image(b: &mut Bake, r: &Resolved, launched: &Launched) -> Result<Im
 }
 
 /// The image's tags and its snapshots' (the same, without `jbake:complete`).
-fn image_tags(r: &Resolved, name: &str, version: &str, expires: &str) -> (Tags, Tags) {
+fn image_tags(
+    r: &Resolved,
+    facts: &[(String, String)],
+    name: &str,
+    version: &str,
+    expires: &str,
+) -> (Tags, Tags) {
     let mut t: Tags = r
         .common
         .iter()
@@ -195,6 +208,8 @@ fn image_tags(r: &Resolved, name: &str, version: &str, expires: &str) -> (Tags, 
     // The recipe's own tags (`tags:`, e.g. the controller's jbake:efs-id); jbake's keys are
     // refused at validate, so they cannot override the ones above.
     t.extend(r.plan.tags.iter().cloned());
+    // What the machine said about itself (`facts:`, e.g. what it was patched to).
+    t.extend(facts.iter().cloned());
     let snapshot = t.clone();
     t.push((tags::COMPLETE.to_string(), "false".to_string()));
     (t, snapshot)
@@ -243,7 +258,13 @@ async fn own_image_named(
 
 /// Marks the image complete: from here it is the build's result. The only tag jbake writes after
 /// creation (the build policy allows no other: everything else is tagged at creation).
-pub async fn tag(b: &mut Bake, r: &Resolved, imaged: &Imaged) -> Result<Built, Error> {
+/// `tested`: the boot test's verdict (`None`: not tested, `--skip-test`).
+pub async fn tag(
+    b: &mut Bake,
+    r: &Resolved,
+    imaged: &Imaged,
+    tested: Option<bool>,
+) -> Result<Built, Error> {
     b.aws
         .ec2
         .create_tags(
@@ -262,5 +283,6 @@ pub async fn tag(b: &mut Bake, r: &Resolved, imaged: &Imaged) -> Result<Built, E
         skipped_unchanged: false,
         build_id: b.build_id.clone(),
         distributed: Default::default(),
+        tested,
     })
 }

@@ -68,15 +68,22 @@ pub async fn launch(
             .for_region(&b.aws.region)
             .map(str::to_string),
     };
+    run_instance(b, &launch).await
+}
+
+/// Launches `launch` (recorded in the ledger first, adopted by its client token after a lost
+/// answer) and waits until it runs.
+pub async fn run_instance(b: &mut Bake, launch: &Launch) -> Result<Launched, Error> {
+    let group = &launch.security_group_id;
     // Recorded first: if the answer is lost, the undo finds the instance by the build's tag.
     let entry = b.ledger.record(Resource::Instance { id: None });
     let created = Instant::now();
     let aws = &b.aws;
     let launched = settle(
         &b.progress,
-        &format!("security group {} to be usable", group.id),
+        &format!("security group {group} to be usable"),
         || async {
-            match aws.ec2.run_instance(&launch).await {
+            match aws.ec2.run_instance(launch).await {
                 Ok(id) => Ok(wait::Poll::Ready(Ok(id))),
                 // The group was just made: EC2 may not know it everywhere yet.
                 Err(e) if e.is_code("InvalidGroup.NotFound") && not_yet_visible(created) => {
@@ -141,8 +148,26 @@ pub fn target(
     keys: &Keys,
     launched: &Launched,
 ) -> Result<ConnectOptions, Error> {
-    let host = match (&b.opts.ssh_host, b.opts.ssh_interface) {
-        (Some(h), _) => h.clone(),
+    connect_options(
+        b,
+        &r.plan.base.ssh_user,
+        keys,
+        launched,
+        b.opts.ssh_host.as_deref(),
+    )
+}
+
+/// How to reach `launched` as `user` with `keys`: at `host` when given, else at the instance's
+/// IP (`--ssh-interface`), through `--bastion` if there is one.
+pub fn connect_options(
+    b: &Bake,
+    user: &str,
+    keys: &Keys,
+    launched: &Launched,
+    host: Option<&str>,
+) -> Result<ConnectOptions, Error> {
+    let host = match (host, b.opts.ssh_interface) {
+        (Some(h), _) => h.to_string(),
         (None, SshInterface::Public) => {
             launched
                 .info
@@ -168,7 +193,7 @@ pub fn target(
     };
     Ok(ConnectOptions {
         target: Target {
-            user: r.plan.base.ssh_user.clone(),
+            user: user.to_string(),
             host,
             port: b.opts.ssh_port,
         },
@@ -181,11 +206,24 @@ pub fn target(
 }
 
 /// The recipe's steps and checks.
+/// The recipe's steps and checks, then its `facts:` (read on the machine, for the image's
+/// tags). Returns the rows of all three and the facts.
 pub async fn provision(
     ex: &mut Executor<'_>,
     plan: &Plan,
-) -> Result<Vec<StepRow>, (exec::Error, exec::Report)> {
-    ex.run_plan(plan).await.map(|r| r.rows)
+) -> Result<(Vec<StepRow>, Vec<(String, String)>), (exec::Error, exec::Report)> {
+    let mut rows = ex.run_plan(plan).await?.rows;
+    match ex.read_facts(&plan.facts).await {
+        Ok((facts, report)) => {
+            rows.extend(report.rows);
+            Ok((rows, facts))
+        }
+        Err((e, mut report)) => {
+            rows.append(&mut report.rows);
+            report.rows = rows;
+            Err((e, report))
+        }
+    }
 }
 
 /// Image hygiene, always, as the last thing on the machine.
@@ -197,7 +235,10 @@ pub async fn hygiene(
     let hygiene = Plan {
         steps: vec![internal_step(
             "Image hygiene",
-            cloud_init::hygiene_script(&keys.client.public_key_base64()),
+            cloud_init::hygiene_script(
+                &keys.client.public_key_base64(),
+                &keys.host.public_key().public_key_base64(),
+            ),
         )],
         validate: Vec::new(),
         ..plan.clone()
@@ -205,8 +246,18 @@ pub async fn hygiene(
     ex.run_plan(&hygiene).await.map(|r| r.rows)
 }
 
+/// The build machine's machine id, read before the hygiene empties it (so that the boot test
+/// can tell an instance of the image that kept it); `None` when it is not a machine id.
+pub async fn machine_id(ex: &mut Executor<'_>) -> Result<Option<String>, exec::Error> {
+    let step = internal_step("Read the machine id", "cat /etc/machine-id".to_string());
+    let (code, out) = ex.query(&step).await?;
+    let id = String::from_utf8_lossy(&out).trim().to_string();
+    let valid = id.len() == 32 && id.bytes().all(|c| c.is_ascii_hexdigit());
+    Ok((code == 0 && valid).then_some(id))
+}
+
 /// A step jbake adds itself (image hygiene), shown like the recipe's own.
-fn internal_step(name: &str, script: String) -> Step {
+pub(crate) fn internal_step(name: &str, script: String) -> Step {
     Step {
         number: 1,
         phase: Phase::Steps,

@@ -5,7 +5,7 @@
 //!
 //! Adding a stage: a variant of [`Stage`] (in [`Stage::ALL`] at its place), a function in the
 //! file of its concern, one line in [`until_tagged`]. A stage that checks or copies the image
-//! (a boot test, CopyImage to other regions) goes between [`Stage::Image`] and [`Stage::Tag`]:
+//! (the boot test, CopyImage to other regions) goes between [`Stage::Image`] and [`Stage::Tag`]:
 //! the image is still `jbake:complete=false` there and undone with the rest if the stage fails;
 //! what it makes goes into the ledger like everything else.
 //!
@@ -16,6 +16,7 @@
 pub mod access;
 pub mod base;
 pub mod copy;
+pub mod boot_test;
 pub mod image;
 pub mod machine;
 pub mod publish;
@@ -32,6 +33,7 @@ use crate::progress::Progress;
 use crate::util::fmt_duration;
 
 use super::distribute::{self, Ctx, RegionKey, Source};
+use super::boot_checks::{fingerprint, machine_id_hash, BuildIdentity};
 use super::interrupt::Interrupt;
 use super::ledger::Ledger;
 use super::{BakeOptions, Built, Error};
@@ -60,6 +62,9 @@ pub enum Stage {
     /// CreateImage (image and snapshots tagged at creation, its number confirmed), until it is
     /// available; then IMDSv2 only.
     Image,
+    /// The boot test: an instance of the image, checked over SSH (jbake's checks and the
+    /// recipe's `test:`); `jbake:tested` on the image. Not with `--skip-test`.
+    Test,
     /// CopyImage to every `--copy-to` region, at once, until the copies are available.
     Copy,
     /// Launch permissions for the `--share-with` accounts, on the image and its copies.
@@ -73,7 +78,7 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub const ALL: [Stage; 14] = [
+    pub const ALL: [Stage; 15] = [
         Stage::ResolveBase,
         Stage::KeyPair,
         Stage::SecurityGroup,
@@ -83,6 +88,7 @@ impl Stage {
         Stage::Hygiene,
         Stage::Stop,
         Stage::Image,
+        Stage::Test,
         Stage::Copy,
         Stage::Share,
         Stage::Publish,
@@ -101,6 +107,7 @@ impl Stage {
             Stage::Hygiene => "hygiene",
             Stage::Stop => "stop",
             Stage::Image => "image",
+            Stage::Test => "test",
             Stage::Copy => "copy",
             Stage::Share => "share",
             Stage::Publish => "publish",
@@ -127,12 +134,11 @@ pub enum Stop {
 /// it) and publish (which reads it, with [`distribute::may_publish`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BootTest {
-    /// The recipe has no boot test: the image is published with a warning.
-    Absent,
-    /// A boot test is due and has not passed (yet): not published.
+    /// Not (yet) tested by this build (`--skip-test`, an unchanged image, `jbake copy`): the
+    /// image's own `jbake:tested` tag decides.
     Pending,
+    /// The test stage passed it (a failed image ends the build before publish).
     Passed,
-    Failed,
 }
 
 /// What every stage shares: the build state that is not any one stage's output.
@@ -155,6 +161,8 @@ pub struct Bake {
     pub boot_test: BootTest,
     /// Each region's KMS key, checked before the bake ([`distribute::check_keys`]).
     pub keys: Vec<RegionKey>,
+    /// The recipe's `facts:` as read on the machine (provision), for the image's tags.
+    pub facts: Vec<(String, String)>,
 }
 
 impl Bake {
@@ -179,7 +187,8 @@ impl Bake {
             interrupt,
             broker_pid: Arc::new(AtomicU32::new(0)),
             entered: Vec::new(),
-            boot_test: BootTest::Absent,
+            facts: Vec::new(),
+            boot_test: BootTest::Pending,
             keys: Vec::new(),
         }
     }
@@ -281,12 +290,30 @@ async fn until_tagged(b: &mut Bake) -> Result<Made, Error> {
     failpoint(Stage::Provision);
     let steps = machine::provision(&mut ex, &resolved.plan).await;
     let steps = match steps {
-        Ok(rows) => rows,
+        Ok((rows, facts)) => {
+            b.facts = facts;
+            rows
+        }
         Err((e, report)) => {
             ex.close().await;
             b.progress.summary(&report.rows, report.elapsed, false);
             return Err(e.into());
         }
+    };
+    // What the boot test compares instances of the image with: the build's one-time keys and
+    // its machine id (read now: the hygiene empties it).
+    let machine_id = match machine::machine_id(&mut ex).await {
+        Ok(id) => id,
+        Err(e) => {
+            ex.close().await;
+            return Err(e.into());
+        }
+    };
+    let identity = BuildIdentity {
+        build_id: b.build_id.clone(),
+        host_key: Some(fingerprint(keys.host.public_key())),
+        login_key: Some(fingerprint(keys.client.public_key())),
+        machine_id: machine_id.as_deref().map(machine_id_hash),
     };
     b.entered.push(Stage::Hygiene);
     failpoint(Stage::Hygiene);
@@ -305,12 +332,30 @@ async fn until_tagged(b: &mut Bake) -> Result<Made, Error> {
     b.enter(Stage::Stop);
     machine::stop(b, &launched).await?;
     b.enter(Stage::Image);
-    let imaged = image::image(b, &resolved, &launched).await?;
+    let imaged = image::image(b, &resolved, &launched, &identity.tags()).await?;
+    let tested = if b.opts.skip_test {
+        None
+    } else {
+        b.enter(Stage::Test);
+        let network = (group.vpc.clone(), group.cidr.clone());
+        let passed = boot_test::in_bake(
+            b,
+            &resolved.plan,
+            &resolved.common,
+            &imaged,
+            &identity,
+            network,
+        )
+        .await?;
+        b.boot_test = BootTest::Passed;
+        Some(passed)
+    };
+    // Copied, shared and published only once it passed its boot test.
     let pending = distribute_image(b, &imaged.id).await?;
     b.enter(Stage::Tag);
     // The copies first, then the image: a copy never outlives a build that failed.
     copy::complete(&b.ctx(), &pending.copies, &Vec::new()).await?;
-    let mut built = image::tag(b, &resolved, &imaged).await?;
+    let mut built = image::tag(b, &resolved, &imaged, tested).await?;
     built.distributed = finish(b, pending);
     Ok(Made::Image(built))
 }
@@ -464,6 +509,7 @@ mod tests {
                 "hygiene",
                 "stop",
                 "image",
+                "test",
                 "copy",
                 "share",
                 "publish",

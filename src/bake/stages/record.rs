@@ -24,6 +24,7 @@ pub fn record(b: &Bake, built: &Built) -> Result<(), Error> {
                 .to_string(),
             skipped_unchanged: built.skipped_unchanged,
             distributed: built.distributed.clone(),
+            tested: built.tested,
         },
     )?;
     Ok(())
