@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde_json::json;
 
-use super::build::{parse_cidr, parse_efs_id, parse_max_age, parse_subnet, parse_ttl, AwsArgs};
+use super::build::{
+    parse_cidr, parse_efs_id, parse_max_age, parse_subnet, parse_ttl, AwsArgs, DistributionArgs,
+};
 use super::roll::{roll_run, RollArgs, RollEnd as CliRollEnd};
 use super::{BastionArgs, Failure};
 use crate::aws::Aws;
@@ -91,6 +93,12 @@ pub struct NightlyArgs {
     /// How long to wait for an image to become available.
     #[arg(long, value_name = "DURATION", default_value = "60m", value_parser = recipe::parse_duration)]
     pub image_timeout: Duration,
+    /// Copy both images to these regions (disaster recovery) once their boot tests passed; an
+    /// unchanged image gets the copies it lacks.
+    #[arg(long, value_name = "REGION[,REGION…]", value_delimiter = ',', value_parser = super::parse_region)]
+    pub copy_to: Vec<String>,
+    #[command(flatten)]
+    pub distribution: DistributionArgs,
     #[command(flatten)]
     pub bastion: BastionArgs,
     /// The controller's Auto Scaling group [default: the one tagged jbake:role=controller].
@@ -179,6 +187,7 @@ fn bake_options(
         image_timeout: args.image_timeout,
         // The night's images are boot-tested like any bake: roll takes only a tested one.
         skip_test: false,
+        distribution: args.distribution.distribution(&args.copy_to)?,
         output,
         quiet,
         label: Some(image.label.to_string()),

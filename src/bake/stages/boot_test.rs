@@ -177,6 +177,8 @@ pub async fn boot_test(b: &mut Bake, spec: TestSpec<'_>) -> Result<Verdict, Erro
         user_data: cloud_init::user_data(&keys.host, ttl_minutes).map_err(Error::Key)?,
         tags: named(tags, format!("jbake test {} {}", plan.name, b.build_id)),
         client_token: format!("jbake-{}-test", b.build_id),
+        // The volume is the image's snapshot: encrypted with the image's key already.
+        kms_key_id: None,
     };
     let launched = machine::run_instance(b, &launch).await?;
     // The instance's own address: `--ssh-host` is the build instance's.

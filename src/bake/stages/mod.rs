@@ -15,8 +15,8 @@
 
 pub mod access;
 pub mod base;
-pub mod copy;
 pub mod boot_test;
+pub mod copy;
 pub mod image;
 pub mod machine;
 pub mod publish;
@@ -32,8 +32,8 @@ use crate::aws::{self, wait, Aws};
 use crate::progress::Progress;
 use crate::util::fmt_duration;
 
-use super::distribute::{self, Ctx, RegionKey, Source};
 use super::boot_checks::{fingerprint, machine_id_hash, BuildIdentity};
+use super::distribute::{self, Ctx, RegionKey, Source};
 use super::interrupt::Interrupt;
 use super::ledger::Ledger;
 use super::{BakeOptions, Built, Error};
