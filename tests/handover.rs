@@ -18,7 +18,7 @@
 //! What it cannot prove: on this bind mount the locks are the local kernel's, released the
 //! instant the holder's processes die. On EFS (NFSv4.1) they are the server's, and a holder
 //! that dies without closing them (a lost instance, a network partition) keeps them until its
-//! NFS lease expires (the server's lease time; see the README), during which the successor
+//! NFS lease expires (the server's lease time; see docs/images.md), during which the successor
 //! waits; a partitioned holder whose lease expired gets EIO from its next write through the
 //! lock (the wrapper's heartbeat), which kills its Jenkins. Neither the lease expiry nor the
 //! EIO can be produced here.

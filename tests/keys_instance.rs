@@ -26,7 +26,7 @@
 //! command line and in no journal.
 //!
 //! Not proven here: real Jenkins with the configuration-as-code plugin (not downloadable);
-//! what the real plugin does with the credential is in the README (it keeps an encrypted copy
+//! what the real plugin does with the credential is in docs/images.md (it keeps an encrypted copy
 //! in JENKINS_HOME/credentials.xml).
 
 use std::net::SocketAddr;

@@ -50,7 +50,7 @@ def tags_of(items):
 
 
 def jbake_image_tags(root, efs_id, version, tested=True):
-    """The tags a `jbake controller --efs-id` bake puts on its image (README: tags on everything
+    """The tags a `jbake controller --efs-id` bake puts on its image (docs/baking.md: tags on everything
     jbake makes; the recipe's own tags: section, rendered), plus jbake:tested (the image lifecycle)."""
     recipe = yaml.safe_load((Path(root) / "recipes" / "controller.yaml").read_text())
     values = {"efs_id": efs_id}
