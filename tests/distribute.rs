@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 
 use crate::build::{finish, follow, spawn, wait_for_line};
-use crate::support::bake::{BASE_PARAM, BOOTING};
+use crate::support::bake::BASE_PARAM;
 use crate::support::cli::{jbake, run as run_args, write, Run};
 use crate::support::instance::Instance;
 use crate::support::moto::{CloudInit, FaultProxy, Moto, Resources};
@@ -876,9 +876,10 @@ fn a_build_is_copied_shared_and_published_and_the_manifest_lists_every_region() 
         &vm.user,
         "steps:\n  - name: Mark the image\n    file: { path: /etc/jbake-built, content: \"{{ version }}\\n\" }\n",
     );
+    // The build with its boot test: the test instance boots a machine of its own from the image.
+    cloud.report_to(&proxy);
     let build = |extra: &[&str]| {
-        proxy.set(BOOTING);
-        let mut c = crate::build::build_cmd(
+        let mut c = crate::build::tested_build_cmd(
             &moto,
             &proxy.endpoint(),
             &recipe,
@@ -898,7 +899,9 @@ fn a_build_is_copied_shared_and_published_and_the_manifest_lists_every_region() 
         OTHER,
         "--publish-ssm",
     ];
-    proxy.world(r#"{"image_pending_s": 2, "copy_pending_s": 3, "not_found": 1, "seed": 5}"#);
+    proxy.world(
+        r#"{"image_pending_s": 2, "copy_pending_s": 3, "not_found": 1, "seed": 5, "pending_until_ready": true, "pending_max_s": 60}"#,
+    );
     let t = std::time::Instant::now();
     moto.start_recording();
     let out = build(&flags);
@@ -908,15 +911,21 @@ fn a_build_is_copied_shared_and_published_and_the_manifest_lists_every_region() 
     let id = crate::build::build_id_of(&out);
     let built = crate::build::finished(&out);
     let ami = built["ami_id"].as_str().expect("ami").to_string();
-    // The stages ran in order: image, copy, share, publish, tag.
-    let order: Vec<usize> = ["creating image", "copying ", "sharing ", "publishing "]
-        .iter()
-        .map(|w| {
-            out.stdout
-                .find(w)
-                .unwrap_or_else(|| panic!("no {w:?} in {}", out.stdout))
-        })
-        .collect();
+    // The stages ran in order: image, boot test, copy, share, publish, tag.
+    let order: Vec<usize> = [
+        "creating image",
+        "boot test of ",
+        "copying ",
+        "sharing ",
+        "publishing ",
+    ]
+    .iter()
+    .map(|w| {
+        out.stdout
+            .find(w)
+            .unwrap_or_else(|| panic!("no {w:?} in {}", out.stdout))
+    })
+    .collect();
     assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?}");
     // The image (its snapshot encrypted with the build's key) and its copies.
     let home = moto.resources(HOME);
@@ -979,12 +988,6 @@ fn a_build_is_copied_shared_and_published_and_the_manifest_lists_every_region() 
         Some(3),
         "{record}"
     );
-    // No boot test in this recipe: published, and said so.
-    assert!(
-        out.stdout.contains("the recipe has no boot test"),
-        "{}",
-        out.stdout
-    );
     let launch = moto.recorded_requests();
     let run = launch
         .iter()
@@ -997,7 +1000,21 @@ fn a_build_is_copied_shared_and_published_and_the_manifest_lists_every_region() 
         Some("alias/jbake-images")
     );
     assert_clean(&moto, None);
-    assert_eq!(cloud.served().len(), 1, "{:?}", cloud.errors());
+    // The build instance and the boot test's.
+    assert_eq!(cloud.served().len(), 2, "{:?}", cloud.errors());
+    assert_eq!(
+        image.tags.get("jbake:tested").map(String::as_str),
+        Some("true")
+    );
+    for region in [WEST, EU] {
+        let res = moto.resources(region);
+        let copies = copies_of(&res, &ami);
+        assert_eq!(
+            copies[0].tags.get("jbake:tested").map(String::as_str),
+            Some("true"),
+            "the copy in {region} carries the verdict"
+        );
+    }
 
     // The nightly again: unchanged, nothing copied or written; the manifest still lists every
     // region.

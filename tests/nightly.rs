@@ -96,6 +96,18 @@ fn nightly_bakes_both_at_once_rolls_when_needed_and_is_silent_when_nothing_chang
     let ci_a = CloudInit::for_instance_of_type(&f.moto, &vm_a, "t3.medium");
     ci_c.report_to(&proxy);
     ci_a.report_to(&proxy);
+    // Where SSH to each bake's build instance goes: a boot test makes an image of its build
+    // machine (the stand-in stops and archives it, as CreateImage snapshots an instance), so
+    // every bake after the first gets a new one.
+    let via = |vm: &Instance| format!("{}:{}", vm.host, vm.port);
+    let c_via = std::cell::RefCell::new(via(&vm_c));
+    let a_via = std::cell::RefCell::new(via(&vm_a));
+    let fresh = |name: &str, instance_type: &str| {
+        let vm = Instance::builder(name).up();
+        let ci = CloudInit::for_instance_of_type(&f.moto, &vm, instance_type);
+        ci.report_to(&proxy);
+        (vm, ci)
+    };
     let dir = tempfile::tempdir().unwrap();
     let (c_recipe, a_recipe) = (controller_recipe(dir.path()), agent_recipe(dir.path()));
     let manifest = dir.path().join("jbake-manifest.json");
@@ -109,11 +121,8 @@ fn nightly_bakes_both_at_once_rolls_when_needed_and_is_silent_when_nothing_chang
             .arg(&c_recipe)
             .arg("--agent-recipe")
             .arg(&a_recipe)
-            .args([
-                "--controller-ssh-via",
-                &format!("{}:{}", vm_c.host, vm_c.port),
-            ])
-            .args(["--agent-ssh-via", &format!("{}:{}", vm_a.host, vm_a.port)])
+            .args(["--controller-ssh-via", &c_via.borrow()])
+            .args(["--agent-ssh-via", &a_via.borrow()])
             .args(["--ssh-cidr", "169.254.0.0/16", "--connect-timeout", "60s"])
             .args(["--jenkins-url", &f.jenkins.url(), "--health-timeout", "60s"])
             .arg("--manifest")
@@ -181,8 +190,12 @@ fn nightly_bakes_both_at_once_rolls_when_needed_and_is_silent_when_nothing_chang
         println!("bench: noop-night {:.3}", took.as_secs_f64());
     }
 
-    // Night 3: a controller variable changed: its image is baked again and rolled; the
-    // agent's is unchanged. Quiet: the roll's result line and the summary, nothing else.
+    // Night 3: a controller variable changed: its image is baked again (on a new build
+    // machine) and rolled; the agent's is unchanged. Quiet: the roll's result line and the
+    // summary, nothing else.
+    drop((ci_c, vm_c));
+    let (vm_c, ci_c) = fresh("nightly-c3", "t3.small");
+    *c_via.borrow_mut() = via(&vm_c);
     let (third, _) = night(&["--quiet", "--controller-var", "marker=two"]);
     eprintln!(
         "night 3, as cron mails it:\n{}{}",
@@ -232,6 +245,11 @@ fn nightly_bakes_both_at_once_rolls_when_needed_and_is_silent_when_nothing_chang
     // A failed bake: exit 1, the failure said, nothing rolled (the controller image is new
     // again, but the night failed), nothing left.
     let before: Vec<String> = f.running().into_iter().map(|(_, a)| a).collect();
+    drop((ci_c, vm_c, ci_a, vm_a));
+    let (vm_c, ci_c) = fresh("nightly-c4", "t3.small");
+    let (vm_a, ci_a) = fresh("nightly-a4", "t3.medium");
+    *c_via.borrow_mut() = via(&vm_c);
+    *a_via.borrow_mut() = via(&vm_a);
     let (failed, _) = night(&[
         "--quiet",
         "--controller-var",
@@ -261,4 +279,5 @@ fn nightly_bakes_both_at_once_rolls_when_needed_and_is_silent_when_nothing_chang
     let after: Vec<String> = f.running().into_iter().map(|(_, a)| a).collect();
     assert_eq!(after, before, "a failed night rolled");
     assert_nothing_left(&f.moto);
+    drop((ci_c, vm_c, ci_a, vm_a));
 }
