@@ -330,6 +330,18 @@ def controller_tagged_for_jbake_roll_discovery(t):
     tags = {ev.eval(x["key"]): (ev.eval(x["value"]), ev.eval(x["propagate_at_launch"])) for x in asg["tag"]}
     expect(tags.get("jbake:role", (None,))[0] == "controller",
            f"jbake roll finds the group by jbake:role=controller (src/roll/discover.rs ROLE_TAG), tags: {tags}")
+    # The roll policy's condition on the launch template (what it may add versions to) is met by
+    # the module's launch template: read from the policy, not repeated here.
+    roll = json.loads((t.root / "iam" / "jbake-roll-policy.json").read_text())
+    lt_conditions = [st["Condition"]["StringEquals"] for st in roll["Statement"]
+                     if "ec2:CreateLaunchTemplateVersion" in st["Action"] and "Condition" in st]
+    expect(lt_conditions, "the roll policy scopes ec2:CreateLaunchTemplateVersion by a tag")
+    lt_tags = ev.eval(m.resource("aws_launch_template", "controller")["tags"])
+    for cond in lt_conditions:
+        for key, value in cond.items():
+            tag = key.removeprefix("aws:ResourceTag/")
+            expect(lt_tags.get(tag) == value,
+                   f"jbake roll may add versions only to a launch template tagged {tag}={value} (iam/jbake-roll-policy.json); the module's has {lt_tags}")
     agents, aev = t.mod("agents"), t.ev("agents")
     atags = {aev.eval(x["key"]): aev.eval(x["value"]) for x in agents.resource("aws_autoscaling_group", "agent")["tag"]}
     expect(atags.get("jbake:role") != "controller", "the agents' group must never look like the controller's")
@@ -502,6 +514,8 @@ MUTATIONS = [
     ("terraform/modules/controller/main.tf", "      encrypted             = true", "      encrypted             = false",
      "controller_launch_template_imdsv2_encrypted_gp3_no_public_ip"),
     ("terraform/modules/controller/main.tf", '    value               = "controller"', '    value               = "jenkins"',
+     "controller_tagged_for_jbake_roll_discovery"),
+    ("terraform/modules/controller/main.tf", '  tags = merge(var.tags, { "jbake:role" = "controller" })', "  tags = var.tags",
      "controller_tagged_for_jbake_roll_discovery"),
     ("terraform/modules/controller/main.tf", "  max_size         = 1", "  max_size         = 2",
      "controller_group_of_exactly_one_in_private_subnets_with_elb_health_checks"),

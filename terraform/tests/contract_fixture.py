@@ -217,7 +217,11 @@ def setup(args):
         sg_ids[f"aws_security_group.{name}.id"] = ec2.create_security_group(GroupName=b["name"], Description=b["description"], VpcId=vpc)["GroupId"]
 
     lt_name, lt_desc, data = lt_data(cm, cev, cev.local("image_id"), sg_ids, profile_name)
-    template = ec2.create_launch_template(LaunchTemplateName=lt_name, VersionDescription=lt_desc or "", LaunchTemplateData=data)["LaunchTemplate"]
+    lt_tags = cev.eval(cm.resource("aws_launch_template", "controller")["tags"])
+    template = ec2.create_launch_template(
+        LaunchTemplateName=lt_name, VersionDescription=lt_desc or "", LaunchTemplateData=data,
+        TagSpecifications=[{"ResourceType": "launch-template", "Tags": [{"Key": k, "Value": v} for k, v in lt_tags.items()]}],
+    )["LaunchTemplate"]
 
     tgb = cm.resource("aws_lb_target_group", "controller")
     tg = cev.block(tgb)

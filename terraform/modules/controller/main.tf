@@ -207,7 +207,9 @@ resource "aws_launch_template" "controller" {
     tags          = merge(var.tags, { Name = "${var.name}-controller" })
   }
 
-  tags = var.tags
+  # jbake's roll policy (iam/jbake-roll-policy.json) lets it add versions only to launch templates
+  # that carry this tag (aws:ResourceTag/jbake:role = controller).
+  tags = merge(var.tags, { "jbake:role" = "controller" })
 
   lifecycle {
     # image_id: jbake roll chooses the image (the provider reads the newest version's, which after
