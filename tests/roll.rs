@@ -2489,3 +2489,47 @@ fn roll_ignores_the_build_that_runs_it_and_stops_jenkins_at_once() {
         timed_out.stderr
     );
 }
+
+#[test]
+fn roll_says_when_the_template_changed_outside_it_and_rolls_that_change_with_from_latest() {
+    let f = fixture("1");
+    // Terraform changed the instance type: version 2, neither the group's nor the default.
+    let added = fixture_py(
+        &f.env,
+        "add-version",
+        json!({"group": GROUP, "source": 1, "data": {"InstanceType": "t3.large"}}),
+    );
+    assert_eq!(added["version"], 2, "{added}");
+    let plan = f.roll(&["--dry-run"]);
+    plan.assert_code(0);
+    assert!(
+        plan.stderr.contains(
+            "launch template version 2 is newer than the group's version 1 and differs from it in InstanceType"
+        ) && plan.stderr.contains("pass --from-latest"),
+        "{}",
+        plan.stderr
+    );
+    assert!(
+        plan.stdout
+            .contains("version 3 from version 1 (EC2 copies it: SourceVersion)"),
+        "{}",
+        plan.stdout
+    );
+    let rolled = f.roll(&["--yes", "--from-latest"]);
+    eprintln!("{}\n{}", rolled.stdout, rolled.stderr);
+    rolled.assert_code(0);
+    assert!(
+        rolled
+            .stderr
+            .contains("--from-latest makes the new version from version 2"),
+        "{}",
+        rolled.stderr
+    );
+    let st = f.state();
+    assert_eq!(st["group_version"], "3", "{st}");
+    let v3 = version_data(&st, 3);
+    assert_eq!(v3["data"]["InstanceType"], "t3.large", "{v3}");
+    assert_eq!(v3["data"]["ImageId"], f.new_ami.as_str(), "{v3}");
+    let running: Vec<String> = f.running().into_iter().map(|(_, ami)| ami).collect();
+    assert_eq!(running, std::slice::from_ref(&f.new_ami));
+}

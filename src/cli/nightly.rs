@@ -406,6 +406,7 @@ pub async fn nightly_cmd(args: NightlyArgs, output: Output, quiet: bool) -> Resu
                 strategy: args.strategy,
                 allow_efs_change: false,
                 allow_untested: false,
+                from_latest: false,
                 take_over_lock: false,
                 allow_insecure_http: args.allow_insecure_http,
                 jenkins_url: args.jenkins_url.clone(),

@@ -41,6 +41,11 @@ pub struct RollArgs {
     /// tests). An image that failed its boot test is never rolled out.
     #[arg(long)]
     pub allow_untested: bool,
+    /// Make the new launch template version from the template's newest version instead of the
+    /// one the group uses: to roll out a change made to the template since (by Terraform: a new
+    /// version it did not make the group's).
+    #[arg(long)]
+    pub from_latest: bool,
     /// Take over the group's roll lock left by a roll that was killed (says whose it was).
     #[arg(long)]
     pub take_over_lock: bool,
@@ -180,6 +185,7 @@ pub(crate) async fn roll_run(
         allow_efs_change: args.allow_efs_change,
         allow_insecure_http: args.allow_insecure_http,
         allow_untested: args.allow_untested,
+        from_latest: args.from_latest,
         ignore_builds: args.ignore_build.clone(),
     };
     // Credentials for a plain-HTTP URL given on the command line: refused before any AWS call.

@@ -20,6 +20,12 @@ pub struct Discovered {
     pub template: TemplateRef,
     /// The version the group's reference resolves to now.
     pub current: TemplateVersion,
+    /// The template's newest version when it is newer than `current` (made outside the roll,
+    /// e.g. by Terraform, or by a roll that was rolled back).
+    pub newer: Option<TemplateVersion>,
+    /// The version the roll's new version is made from: `current`, or `newer` with
+    /// `--from-latest`.
+    pub source: TemplateVersion,
     /// The template's default version number now.
     pub default_version: i64,
     /// The highest version number of the template.
@@ -115,12 +121,9 @@ pub async fn discover(aws: &Aws, name: Option<&str>) -> Result<Discovered, Error
             .ok_or_else(|| missing("$Default"))?
             .number
     };
-    let latest_version = aws
-        .lt
-        .version(&template.id, "$Latest")
-        .await?
-        .map(|v| v.number)
-        .unwrap_or(current.number);
+    let latest = aws.lt.version(&template.id, "$Latest").await?;
+    let latest_version = latest.as_ref().map_or(current.number, |v| v.number);
+    let newer = latest.filter(|v| v.number > current.number);
     let ids: Vec<String> = group.instances.iter().map(|i| i.id.clone()).collect();
     let instances = aws.instances.describe(&ids).await?;
     let target_groups = aws.elb.target_groups(&group.target_group_arns).await?;
@@ -134,7 +137,9 @@ pub async fn discover(aws: &Aws, name: Option<&str>) -> Result<Discovered, Error
     Ok(Discovered {
         group,
         template,
+        source: current.clone(),
         current,
+        newer,
         default_version,
         latest_version,
         instances,

@@ -108,6 +108,8 @@ pub struct RollOptions {
     pub allow_insecure_http: bool,
     /// Roll to an image without a boot test result (never to one that failed it).
     pub allow_untested: bool,
+    /// Make the new version from the template's newest version, not the group's.
+    pub from_latest: bool,
     /// Builds the drain does not wait for (URL prefixes): the build that runs this roll.
     pub ignore_builds: Vec<String>,
 }
@@ -222,7 +224,23 @@ pub fn is_plain_http(url: &str) -> bool {
 
 /// Steps 1–3: everything is read, nothing is changed.
 pub async fn prepare(opts: &RollOptions, aws: &Aws, progress: &Progress) -> Result<Prepare, Error> {
-    let d = discover::discover(aws, opts.asg.as_deref()).await?;
+    let mut d = discover::discover(aws, opts.asg.as_deref()).await?;
+    let drift = d.newer.as_ref().map(|n| plan::Drift {
+        group_version: d.current.number,
+        newer_version: n.number,
+        fields: aws::launch_template::differences(&d.current.data, &n.data),
+    });
+    if let Some(note) = drift
+        .as_ref()
+        .and_then(|x| plan::drift_note(x, opts.from_latest))
+    {
+        progress.warn(&note);
+    }
+    if opts.from_latest {
+        if let Some(n) = &d.newer {
+            d.source = n.clone();
+        }
+    }
     progress.info(
         "discovered",
         &format!(
@@ -284,11 +302,11 @@ pub async fn prepare(opts: &RollOptions, aws: &Aws, progress: &Progress) -> Resu
         &new,
     )?;
     if opts.strategy == Strategy::Handover {
-        let blockers = aws::launch_template::handover_blockers(&d.current.data);
+        let blockers = aws::launch_template::handover_blockers(&d.source.data);
         if !blockers.is_empty() {
             return Err(Refusal::HandoverBlocked {
                 template_id: d.template.id.clone(),
-                version: d.current.number,
+                version: d.source.number,
                 blockers,
             }
             .into());

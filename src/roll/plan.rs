@@ -249,7 +249,7 @@ impl Plan {
         let mut steps = vec![
             format!(
                 "create launch template {} version {new_version} from version {} (EC2 copies it: SourceVersion) with ImageId {} → {}; read it back: only the ImageId may differ",
-                d.template.id, d.current.number, i.current.id, i.new.id
+                d.template.id, d.source.number, i.current.id, i.new.id
             ),
             format!("make version {new_version} the template's default and point group {group} at version {new_version}"),
         ];
@@ -348,6 +348,37 @@ impl Plan {
     }
 }
 
+/// The template has a version newer than the group's: made outside the roll (Terraform writes
+/// one when its launch template changes, and leaves the group's version alone).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Drift {
+    pub group_version: i64,
+    pub newer_version: i64,
+    /// The fields (API names) in which the newer version differs, ImageId aside.
+    pub fields: Vec<String>,
+}
+
+/// What to tell the operator about a newer version: nothing when it only differs in its image
+/// (an earlier roll that was rolled back); otherwise which version the roll copies and how to
+/// take the other.
+pub fn drift_note(d: &Drift, from_latest: bool) -> Option<String> {
+    if d.fields.is_empty() {
+        return None;
+    }
+    let fields = d.fields.join(", ");
+    Some(if from_latest {
+        format!(
+            "launch template version {} differs from the group's version {} in {fields}: --from-latest makes the new version from version {} (its {fields} go live with this roll)",
+            d.newer_version, d.group_version, d.newer_version
+        )
+    } else {
+        format!(
+            "launch template version {} is newer than the group's version {} and differs from it in {fields} (a change made outside jbake roll, e.g. by Terraform): this roll copies version {}, so that change does not go live; pass --from-latest to make the new version from version {}",
+            d.newer_version, d.group_version, d.group_version, d.newer_version
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -440,5 +471,33 @@ mod tests {
     fn versions_order_numerically() {
         assert!(version_key(Some("2026.11.28-10")) > version_key(Some("2026.11.28-9")));
         assert!(version_key(Some("2026.11.29-1")) > version_key(Some("2026.11.28-9")));
+    }
+
+    #[test]
+    fn a_newer_template_version_is_said_only_when_it_differs_in_more_than_its_image() {
+        let d = Drift {
+            group_version: 4,
+            newer_version: 6,
+            fields: vec!["InstanceType".into(), "UserData".into()],
+        };
+        let note = drift_note(&d, false).unwrap();
+        assert!(
+            note.contains("version 6 is newer than the group's version 4"),
+            "{note}"
+        );
+        assert!(note.contains("in InstanceType, UserData"), "{note}");
+        assert!(note.contains("this roll copies version 4"), "{note}");
+        assert!(note.contains("--from-latest"), "{note}");
+        let taken = drift_note(&d, true).unwrap();
+        assert!(
+            taken.contains("makes the new version from version 6"),
+            "{taken}"
+        );
+        let image_only = Drift {
+            fields: Vec::new(),
+            ..d
+        };
+        assert_eq!(drift_note(&image_only, false), None);
+        assert_eq!(drift_note(&image_only, true), None);
     }
 }

@@ -54,14 +54,14 @@ pub async fn new_version(ctx: &Ctx<'_>) -> Result<i64, Error> {
     let new_version = ctx
         .aws
         .lt
-        .create_version_with_image(&d.current, &plan.new.id, &description)
+        .create_version_with_image(&d.source, &plan.new.id, &description)
         .await?;
     ctx.journal.update(|j| j.new_version = Some(new_version));
     ctx.progress.info(
         "template",
         &format!(
             "created launch template {template} version {new_version} from version {} (EC2's copy, ImageId {})",
-            d.current.number, plan.new.id
+            d.source.number, plan.new.id
         ),
     );
     let copy_problem = |problem: String| Why::Copy {
@@ -74,7 +74,7 @@ pub async fn new_version(ctx: &Ctx<'_>) -> Result<i64, Error> {
         Ok(None) => return Err(stop(ctx, copy_problem("cannot be read back".into())).await),
         Err(e) => return Err(stop(ctx, copy_problem(format!("cannot be read back: {e}"))).await),
     };
-    let diff = crate::aws::launch_template::differences(&d.current.data, &written.data);
+    let diff = crate::aws::launch_template::differences(&d.source.data, &written.data);
     if !diff.is_empty() || written.image_id.as_deref() != Some(plan.new.id.as_str()) {
         let what = if diff.is_empty() {
             format!(
@@ -85,7 +85,7 @@ pub async fn new_version(ctx: &Ctx<'_>) -> Result<i64, Error> {
         } else {
             format!(
                 "does not hold version {}'s data (it differs in {})",
-                d.current.number,
+                d.source.number,
                 diff.join(", ")
             )
         };

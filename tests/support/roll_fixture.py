@@ -18,6 +18,7 @@ Commands:
                                          (a change made behind jbake's back)
   set-sizes {"group", "max", "desired"}  changes the group's max (and desired) capacity
   put-lock {"group", "value"}            creates the group's roll lock parameter with `value`
+  add-version {"group", "source", "data"} a new template version from `source` with `data` over it
 """
 
 import json
@@ -168,6 +169,19 @@ def put_lock(args):
     return {}
 
 
+def add_version(args):
+    """A new version of the group's template from `source` with `data` over it, as Terraform
+    writes one when the template changes (the group's version and the default stay)."""
+    asg = boto3.client("autoscaling")
+    group = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[args["group"]])["AutoScalingGroups"][0]
+    v = boto3.client("ec2").create_launch_template_version(
+        LaunchTemplateId=group["LaunchTemplate"]["LaunchTemplateId"],
+        SourceVersion=str(args["source"]),
+        LaunchTemplateData=args["data"],
+    )["LaunchTemplateVersion"]
+    return {"version": v["VersionNumber"]}
+
+
 COMMANDS = {
     "setup": setup,
     "state": state,
@@ -175,6 +189,7 @@ COMMANDS = {
     "set-default": set_default,
     "set-sizes": set_sizes,
     "put-lock": put_lock,
+    "add-version": add_version,
 }
 
 if __name__ == "__main__":
