@@ -237,6 +237,33 @@ impl<'p> Executor<'p> {
         Ok(())
     }
 
+    /// Runs one step (of `total` in its phase) with its progress lines; its result and its row
+    /// in the report.
+    async fn run_shown(
+        &mut self,
+        step: &Step,
+        total: usize,
+    ) -> (Result<StepStatus, Error>, StepRow) {
+        self.progress.step_started(step, total);
+        let t = Instant::now();
+        let (result, attempts) = self.run_step(step).await;
+        let status = match &result {
+            Ok(s) => s.clone(),
+            Err(e) => StepStatus::Failed(short(e)),
+        };
+        self.progress
+            .step_finished(step, total, &status, t.elapsed());
+        let row = StepRow {
+            phase: step.phase,
+            number: step.number,
+            name: step.name.clone(),
+            status,
+            elapsed_ms: t.elapsed().as_millis(),
+            attempts,
+        };
+        (result, row)
+    }
+
     /// Runs the plan's steps, then its validate phase. Stops at the first failure.
     pub async fn run_plan(&mut self, plan: &Plan) -> Result<Report, (Error, Report)> {
         let start = Instant::now();
@@ -250,23 +277,8 @@ impl<'p> Executor<'p> {
                     .info("phase", &format!("validating ({total} checks)"));
             }
             for step in steps {
-                self.progress.step_started(step, total);
-                let t = Instant::now();
-                let (result, attempts) = self.run_step(step).await;
-                let status = match &result {
-                    Ok(s) => s.clone(),
-                    Err(e) => StepStatus::Failed(short(e)),
-                };
-                self.progress
-                    .step_finished(step, total, &status, t.elapsed());
-                rows.push(StepRow {
-                    phase: step.phase,
-                    number: step.number,
-                    name: step.name.clone(),
-                    status,
-                    elapsed_ms: t.elapsed().as_millis(),
-                    attempts,
-                });
+                let (result, row) = self.run_shown(step, total).await;
+                rows.push(row);
                 if let Err(e) = result {
                     let report = Report {
                         rows,
@@ -292,23 +304,8 @@ impl<'p> Executor<'p> {
         let mut rows = Vec::with_capacity(total);
         let mut failed = Vec::new();
         for step in checks {
-            self.progress.step_started(step, total);
-            let t = Instant::now();
-            let (result, attempts) = self.run_step(step).await;
-            let status = match &result {
-                Ok(s) => s.clone(),
-                Err(e) => StepStatus::Failed(short(e)),
-            };
-            self.progress
-                .step_finished(step, total, &status, t.elapsed());
-            rows.push(StepRow {
-                phase: step.phase,
-                number: step.number,
-                name: step.name.clone(),
-                status,
-                elapsed_ms: t.elapsed().as_millis(),
-                attempts,
-            });
+            let (result, row) = self.run_shown(step, total).await;
+            rows.push(row);
             match result {
                 Ok(_) => {}
                 Err(e @ Error::StepFailed { .. }) => failed.push(e),

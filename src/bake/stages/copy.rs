@@ -16,13 +16,13 @@ use std::time::{Instant, SystemTime};
 use futures_util::future::try_join_all;
 
 use crate::aws::ec2::{self, CopyImage, Tags};
-use crate::aws::wait::{self, not_yet_visible};
+use crate::aws::wait;
 use crate::aws::{self, Aws};
 
 use super::super::distribute::{self, Ctx, Source};
 use super::super::ledger::{Entry, Resource};
 use super::super::{tags, Error};
-use super::{settle, wait_for};
+use super::settle;
 
 /// A copy in one region.
 #[derive(Debug, Clone)]
@@ -212,28 +212,15 @@ async fn copy_one(
             id: Some(id.clone()),
         }
     });
-    let (ledger, id_ref, client) = (ctx.ledger, id.as_str(), &aws);
-    wait_for(
+    super::image_ready(
+        &aws,
         ctx.progress,
-        &format!("copy {id} in {region} to be available"),
+        ctx.ledger,
+        entry,
+        &id,
+        created,
+        &format!("copy {id} in {region}"),
         ctx.dist.copy_timeout,
-        || async {
-            let img = match client.ec2.image(id_ref).await? {
-                Some(img) => img,
-                None if not_yet_visible(created) => {
-                    return Ok(wait::Poll::Pending("not visible yet".to_string()))
-                }
-                None => return Ok(wait::Poll::Ready(Err("gone".to_string()))),
-            };
-            ledger.seen(entry);
-            Ok::<_, aws::Error>(if ec2::image_available(&img.state) {
-                wait::Poll::Ready(Ok(()))
-            } else if ec2::image_failed(&img.state) {
-                wait::Poll::Ready(Err(img.state))
-            } else {
-                wait::Poll::Pending(img.state)
-            })
-        },
     )
     .await?
     .map_err(|state| distribute::Error::CopyFailed {
@@ -242,21 +229,6 @@ async fn copy_one(
         source_id: source.image.id.clone(),
         state,
     })?;
-    // Like the image: instances launched from the copy use IMDSv2 only.
-    settle(
-        ctx.progress,
-        &format!("copy {id} to take IMDSv2 only"),
-        || async {
-            match client.ec2.require_imds_v2(id_ref).await {
-                Ok(()) => Ok(wait::Poll::Ready(())),
-                Err(e) if e.is_not_found() && not_yet_visible(created) => {
-                    Ok(wait::Poll::Pending("not visible yet".into()))
-                }
-                Err(e) => Err(e),
-            }
-        },
-    )
-    .await?;
     Ok(Copied {
         region: region.to_string(),
         id,

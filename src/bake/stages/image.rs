@@ -2,15 +2,15 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::aws::ec2::{self, Tags};
-use crate::aws::wait::{self, not_yet_visible};
+use crate::aws::ec2::Tags;
+use crate::aws::wait;
 use crate::aws::{self, Aws};
 
 use super::super::ledger::{Entry, Resource};
 use super::super::{tags, version, Built, Error};
 use super::base::{taken_numbers, Resolved};
 use super::machine::Launched;
-use super::{settle, wait_for, Bake};
+use super::{settle, Bake};
 
 /// How many names CreateImage tries before giving up (each taken by another build meanwhile).
 const NAME_ATTEMPTS: u32 = 10;
@@ -130,48 +130,21 @@ pub async fn image(
         }
     });
     let created = Instant::now();
-    let (aws, ledger, id_ref) = (&b.aws, &b.ledger, id.as_str());
-    wait_for(
+    super::image_ready(
+        &b.aws,
         &b.progress,
-        &format!("image {id} to be available"),
+        &b.ledger,
+        entry,
+        &id,
+        created,
+        &format!("image {id}"),
         b.opts.image_timeout,
-        || async {
-            let img = match aws.ec2.image(id_ref).await? {
-                Some(img) => img,
-                None if not_yet_visible(created) => {
-                    return Ok(wait::Poll::Pending("not visible yet".to_string()))
-                }
-                None => return Ok(wait::Poll::Ready(Err("gone".to_string()))),
-            };
-            ledger.seen(entry);
-            Ok::<_, aws::Error>(if ec2::image_available(&img.state) {
-                wait::Poll::Ready(Ok(()))
-            } else if ec2::image_failed(&img.state) {
-                wait::Poll::Ready(Err(img.state))
-            } else {
-                wait::Poll::Pending(img.state)
-            })
-        },
     )
     .await?
     .map_err(|state| Error::ImageFailed {
         id: id.clone(),
         state,
     })?;
-    settle(
-        &b.progress,
-        &format!("image {id} to take IMDSv2 only"),
-        || async {
-            match aws.ec2.require_imds_v2(id_ref).await {
-                Ok(()) => Ok(wait::Poll::Ready(())),
-                Err(e) if e.is_not_found() && not_yet_visible(created) => {
-                    Ok(wait::Poll::Pending("not visible yet".into()))
-                }
-                Err(e) => Err(e),
-            }
-        },
-    )
-    .await?;
     Ok(Imaged {
         id,
         name,

@@ -28,14 +28,14 @@ use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::aws::{self, wait, Aws};
+use crate::aws::{self, ec2, wait, Aws};
 use crate::progress::Progress;
 use crate::util::fmt_duration;
 
 use super::boot_checks::{fingerprint, machine_id_hash, BuildIdentity};
 use super::distribute::{self, Ctx, RegionKey, Source};
 use super::interrupt::Interrupt;
-use super::ledger::Ledger;
+use super::ledger::{Entry, Ledger};
 use super::{BakeOptions, Built, Error};
 
 /// The named stages of a bake, in the order they run.
@@ -414,6 +414,60 @@ fn finish(b: &Bake, pending: Pending) -> distribute::Distributed {
         shared_with: b.opts.distribution.share_with.clone(),
         published: pending.published.into_iter().map(|p| p.published).collect(),
     }
+}
+
+/// Waits until image `id` (in `aws`'s region; made at `created`, recorded as `entry`) is
+/// available, then makes it IMDSv2-only (instances launched from it get no IMDSv1).
+/// `Ok(Err(state))`: EC2 says it failed, or it is gone once it had been visible. A NotFound
+/// right after the create is "not yet" (eventual consistency).
+#[allow(clippy::too_many_arguments)] // one call per kind of image: the image and its copies
+pub(crate) async fn image_ready(
+    aws: &Aws,
+    progress: &Progress,
+    ledger: &Ledger,
+    entry: Entry,
+    id: &str,
+    created: Instant,
+    what: &str,
+    deadline: Duration,
+) -> Result<Result<(), String>, Error> {
+    let available = wait_for(
+        progress,
+        &format!("{what} to be available"),
+        deadline,
+        || async {
+            let img = match aws.ec2.image(id).await? {
+                Some(img) => img,
+                None if wait::not_yet_visible(created) => {
+                    return Ok(wait::Poll::Pending("not visible yet".to_string()))
+                }
+                None => return Ok(wait::Poll::Ready(Err("gone".to_string()))),
+            };
+            ledger.seen(entry);
+            Ok::<_, aws::Error>(if ec2::image_available(&img.state) {
+                wait::Poll::Ready(Ok(()))
+            } else if ec2::image_failed(&img.state) {
+                wait::Poll::Ready(Err(img.state))
+            } else {
+                wait::Poll::Pending(img.state)
+            })
+        },
+    )
+    .await?;
+    if available.is_err() {
+        return Ok(available);
+    }
+    settle(progress, &format!("{what} to take IMDSv2 only"), || async {
+        match aws.ec2.require_imds_v2(id).await {
+            Ok(()) => Ok(wait::Poll::Ready(())),
+            Err(e) if e.is_not_found() && wait::not_yet_visible(created) => {
+                Ok(wait::Poll::Pending("not visible yet".into()))
+            }
+            Err(e) => Err(e),
+        }
+    })
+    .await?;
+    Ok(Ok(()))
 }
 
 /// Waits until `check` is ready, with progress lines and an error naming the last state.
