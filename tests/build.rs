@@ -1307,17 +1307,22 @@ fn snapshots_are_tagged_at_creation_and_no_path_leaks_one() {
 
 #[test]
 fn a_lost_create_image_answer_adopts_the_image_it_made() {
-    // The first CreateImage takes effect, its answer is lost (connection dropped, then HTTP
-    // 500); the SDK's retry is refused (InvalidAMIName.Duplicate) and jbake adopts its image.
+    // The first CreateImage takes effect, its answer is lost (connection dropped, HTTP 500, or
+    // no answer at all until the attempt's timeout: 2 s here, a minute in release builds); the
+    // SDK's retry is refused (InvalidAMIName.Duplicate) and jbake adopts its image.
     let Some(w) = world("build-lost", BOOTS_LIKE_EC2) else {
         return;
     };
-    for how in ["drop", "500"] {
+    for how in ["drop", "500", "hang"] {
         w.proxy.world(&format!(
-            r#"{{"pending_until_ready": true, "lose_once": ["CreateImage", "RunInstances", "CreateSecurityGroup", "ImportKeyPair"], "lose_how": ["{how}"]}}"#
+            r#"{{"pending_until_ready": true, "lose_once": ["CreateImage", "RunInstances", "CreateSecurityGroup", "ImportKeyPair"], "lose_how": ["{how}"], "hang_s": 30}}"#
         ));
         let lost_before = w.faults("CreateImage", "lost");
-        let out = run(w.build(ONE_STEP), &["--force"]);
+        let mut cmd = w.build(ONE_STEP);
+        cmd.env("JBAKE_TEST_ATTEMPT_TIMEOUT_MS", "2000");
+        let t = std::time::Instant::now();
+        let out = run(cmd, &["--force"]);
+        eprintln!("lost answers ({how}): the build took {:?}", t.elapsed());
         out.assert_code(0);
         let id = build_id_of(&out);
         assert_eq!(w.faults("CreateImage", "lost") - lost_before, 1, "{how}");

@@ -55,6 +55,20 @@ pub struct Aws {
     pub options: AwsOptions,
 }
 
+/// How long one attempt of an AWS call may take: a minute (an answer that never comes is then
+/// retried like a lost one). Debug builds read `JBAKE_TEST_ATTEMPT_TIMEOUT_MS`, so that the
+/// tests can play such an answer without waiting a minute; release builds ignore it.
+fn attempt_timeout() -> Duration {
+    #[cfg(debug_assertions)]
+    if let Some(ms) = std::env::var("JBAKE_TEST_ATTEMPT_TIMEOUT_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        return Duration::from_millis(ms);
+    }
+    Duration::from_secs(60)
+}
+
 impl Aws {
     /// Loads the configuration. Throttling (`RequestLimitExceeded`, HTTP 503) and transient errors
     /// (5xx, a dropped connection, an attempt past its minute) are retried by the SDK's standard
@@ -72,7 +86,7 @@ impl Aws {
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(Duration::from_secs(10))
-                    .operation_attempt_timeout(Duration::from_secs(60))
+                    .operation_attempt_timeout(attempt_timeout())
                     .build(),
             );
         if let Some(p) = &opts.profile {

@@ -56,7 +56,8 @@ EC2 as AWS documents it and moto does not show it, in scaled time (seconds, not 
                       it (counted from 1); "lose_p": P, "lose_actions": [...]: each such answer with
                       probability P; "lose_how": ["drop", "500"] (default both, chosen at
                       random): the connection closes without an answer, or HTTP 500
-                      InternalError
+                      InternalError; or "hang": no answer for "hang_s" seconds (default 30),
+                      then the connection closes (the client's timeout must end the attempt)
   "seed": N           the random choices (throttle_p, lose_p, lose_how) are reproducible
 """
 
@@ -558,6 +559,9 @@ class Handler(BaseHTTPRequestHandler):
         if lost:
             self._log_world(action, "lost")
             if lost == "drop":
+                return self._drop()
+            if lost == "hang":
+                time.sleep(world.f("hang_s", 30.0))
                 return self._drop()
             return self._error(500, "InternalError", "An internal error has occurred (the call took effect)")
         self._send(status, headers, data)
