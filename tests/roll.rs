@@ -2500,6 +2500,23 @@ fn roll_says_when_the_template_changed_outside_it_and_rolls_that_change_with_fro
         json!({"group": GROUP, "source": 1, "data": {"InstanceType": "t3.large"}}),
     );
     assert_eq!(added["version"], 2, "{added}");
+    // jbake status says it too.
+    let mut status = jbake();
+    f.moto.apply_env(&mut status);
+    let status = Run::from_output(
+        status
+            .args(["status", "--region", REGION])
+            .output()
+            .expect("run jbake status"),
+    );
+    status.assert_code(0);
+    assert!(
+        status
+            .stdout
+            .contains("note: launch template version 2 is newer than the group's version 1"),
+        "{}",
+        status.stdout
+    );
     let plan = f.roll(&["--dry-run"]);
     plan.assert_code(0);
     assert!(

@@ -55,6 +55,9 @@ pub struct Status {
     pub suspended: Vec<String>,
     /// Who holds the group's roll lock (a roll runs, or a killed one left it).
     pub roll_lock: Option<String>,
+    /// A newer template version than the group's that differs in more than its image (a change
+    /// made outside jbake roll, e.g. by Terraform): what the next roll will say about it.
+    pub newer_version: Option<String>,
 }
 
 /// How many launch template versions `status` shows (newest first).
@@ -105,7 +108,18 @@ pub async fn status(aws: &Aws, asg: Option<&str>) -> Result<Status, Error> {
         Ok(h) => h.to_string(),
         Err(value) => format!("a value that is not jbake's: {value:?}"),
     });
+    let newer_version = d.newer.as_ref().and_then(|n| {
+        super::plan::drift_note(
+            &super::plan::Drift {
+                group_version: d.current.number,
+                newer_version: n.number,
+                fields: crate::aws::launch_template::differences(&d.current.data, &n.data),
+            },
+            false,
+        )
+    });
     Ok(Status {
+        newer_version,
         suspended: d.group.suspended.clone(),
         roll_lock,
         group: d.group.name.clone(),
@@ -178,6 +192,9 @@ impl Status {
                 "  roll lock ({}): held by {h}\n",
                 lock::param_name(&self.group)
             ));
+        }
+        if let Some(note) = &self.newer_version {
+            s.push_str(&format!("  note: {note}\n"));
         }
         for (name, url) in &self.load_balancers {
             s.push_str(&format!("  load balancer {name}: {url}\n"));
