@@ -72,9 +72,27 @@ fn parameter(moto: &Moto, name: &str) -> String {
 
 /// Nothing temporary of any bake is left: no build instance alive, no jbake key pair or
 /// security group, no half-made image, no snapshot of one.
+/// The disaster-recovery region the nights copy both images to.
+const DR: &str = "us-west-2";
+
 fn assert_nothing_left(moto: &Moto) {
-    let left = moto.resources(REGION).leftovers_of(None);
-    assert!(left.is_empty(), "left behind: {left:?}");
+    for region in [REGION, DR] {
+        let left = moto.resources(region).leftovers_of(None);
+        assert!(left.is_empty(), "left behind in {region}: {left:?}");
+    }
+}
+
+/// The available copies of `ami` in the DR region.
+fn copies_in_dr(moto: &Moto, ami: &str) -> Vec<String> {
+    moto.resources(DR)
+        .images
+        .into_iter()
+        .filter(|i| {
+            i.tags.get("jbake:copy-of").map(String::as_str) == Some(ami)
+                && i.state.as_deref() == Some("available")
+        })
+        .map(|i| i.id)
+        .collect()
 }
 
 #[test]
@@ -125,6 +143,7 @@ fn nightly_bakes_both_at_once_rolls_when_needed_and_is_silent_when_nothing_chang
             .args(["--agent-ssh-via", &a_via.borrow()])
             .args(["--ssh-cidr", "169.254.0.0/16", "--connect-timeout", "60s"])
             .args(["--jenkins-url", &f.jenkins.url(), "--health-timeout", "60s"])
+            .args(["--copy-to", DR])
             .arg("--manifest")
             .arg(&manifest)
             .args(extra);
@@ -155,6 +174,15 @@ fn nightly_bakes_both_at_once_rolls_when_needed_and_is_silent_when_nothing_chang
     );
     let running: Vec<String> = f.running().into_iter().map(|(_, ami)| ami).collect();
     assert_eq!(running, [controller_ami.as_str()]);
+    // Both images copied to the DR region once their boot tests passed.
+    let agent_ami = summary["agent"]["ami"].as_str().unwrap().to_string();
+    for ami in [&controller_ami, &agent_ami] {
+        assert_eq!(
+            copies_in_dr(&f.moto, ami).len(),
+            1,
+            "a copy of {ami} in {DR}"
+        );
+    }
     assert_nothing_left(&f.moto);
     eprintln!("night 1 (two bakes at once, a roll): {took:?}");
     println!("bench: full-night {:.3}", took.as_secs_f64());
