@@ -377,6 +377,80 @@ fn handover_two_controllers_share_one_home_and_never_run_together() {
     );
     drop(b);
 
+    // D stands by on the same home while A holds it. Then the jenkins user (any build on the
+    // built-in node) renames .jbake/, which it can (its parent is jenkins' home): A finds its
+    // lease file moved within a heartbeat and kills its Jenkins; D, which waited on the moved
+    // file, gets that file's lock when A's Jenkins is gone, finds it moved too and waits on
+    // the file at the lease path instead. Never both serve; one of them serves again on a new
+    // root-owned lease.
+    let d = Instance::builder("ho-d")
+        .image(&archive)
+        .bind(&efs, "/var/lib/jenkins")
+        .up();
+    wait_for(
+        "D waits for the lease A holds",
+        Duration::from_secs(90),
+        &d,
+        || journal(&d).contains("waiting for the JENKINS_HOME lease"),
+    );
+    a.exec_ok("runuser -u jenkins -- mv /var/lib/jenkins/.jbake /var/lib/jenkins/.jbake-moved");
+    let t0 = Instant::now();
+    wait_for(
+        "A kills its Jenkins after its lease was moved",
+        Duration::from_secs(30),
+        &a,
+        || journal(&a).contains("the JENKINS_HOME lease was moved away"),
+    );
+    eprintln!(
+        "handover: A noticed the moved lease in {:.1?}",
+        t0.elapsed()
+    );
+    let mut served = None;
+    while t0.elapsed() < Duration::from_secs(90) {
+        let (sa, sd) = (serves(&a), serves(&d));
+        assert!(
+            !(sa && sd),
+            "A and D both serve:\nA:\n{}\nD:\n{}",
+            journal(&a),
+            journal(&d)
+        );
+        if served.is_none() && (sa || sd) {
+            let who = if sa { a.name.clone() } else { d.name.clone() };
+            eprintln!(
+                "handover: {who} serves on the new lease {:.1?} after the rename",
+                t0.elapsed()
+            );
+            served = Some(who);
+        }
+        // Keep watching for a while after the first one serves: the other must not.
+        if served.is_some() && t0.elapsed() > Duration::from_secs(35) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let served = served.unwrap_or_else(|| {
+        panic!(
+            "nobody serves after the lease was moved:\nA:\n{}\nD:\n{}",
+            journal(&a),
+            journal(&d)
+        )
+    });
+    eprintln!(
+        "handover: {served} serves on the new lease ({:.1?})",
+        t0.elapsed()
+    );
+    assert!(
+        journal(&d).contains("the lease file moved") || served == a.name,
+        "D went on waiting on the moved file:\n{}",
+        journal(&d)
+    );
+    let meta = std::fs::metadata(efs.join(".jbake")).expect("a new .jbake");
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o755));
+    let lease = std::fs::read_to_string(efs.join(".jbake/lease")).expect("the new lease file");
+    assert!(lease.contains(&format!("holder={served}\n")), "{lease}");
+    assert!(efs.join(".jbake-moved/lease").exists());
+    d.down();
+
     // C: the same image on an empty home: refused (this image is not a first installation).
     let empty = work.path().join("empty-efs");
     std::fs::create_dir(&empty).expect("mkdir");
