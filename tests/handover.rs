@@ -29,23 +29,11 @@ use std::time::{Duration, Instant};
 
 use crate::support::bake::{build_standin, controller_vars, prerequisites, EFS_ID};
 use crate::support::cli::{jbake, Run};
-use crate::support::instance::Instance;
+use crate::support::instance::{fstype_of, Instance};
 use crate::support::net::{http, FileServer, Response};
 
 const JENKINS_UID: u32 = 3000;
 const CRUMB: &str = "-H 'Jenkins-Crumb: standin-crumb-0123' -b 'JSESSIONID.standin=s3ss10n'";
-
-/// The file system type the guest sees for a bind mount of `dir` (that of the host folder).
-fn fstype_of(dir: &Path) -> String {
-    let out = Command::new("findmnt")
-        .args(["-n", "-o", "FSTYPE", "--target"])
-        .arg(dir)
-        .output()
-        .expect("run findmnt");
-    let t = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(!t.is_empty(), "no file system type for {}", dir.display());
-    t
-}
 
 /// `recipes/controller.yaml` applied to a fresh instance with the stand-in war (the defaults
 /// otherwise: this image does NOT initialise an empty home), archived.

@@ -23,25 +23,13 @@ use crate::build::{assert_nothing_left, build_id_of, finished};
 use crate::support::archive;
 use crate::support::bake::{bake_command, build_standin, controller_vars, prerequisites, EFS_ID};
 use crate::support::cli::Run;
-use crate::support::instance::Instance;
+use crate::support::instance::{fstype_of, Instance};
 use crate::support::moto::{CloudInit, FaultProxy, Moto};
 use crate::support::net::{http, FileServer, Forwarder, Imds};
 use crate::support::prereq;
 
 const REGION: &str = "us-east-1";
 const JENKINS_UID: u32 = 3000;
-
-/// The file system type the guest sees for a bind mount of `dir` (that of the host folder).
-fn fstype_of(dir: &Path) -> String {
-    let out = Command::new("findmnt")
-        .args(["-n", "-o", "FSTYPE", "--target"])
-        .arg(dir)
-        .output()
-        .expect("run findmnt");
-    let t = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(!t.is_empty(), "no file system type for {}", dir.display());
-    t
-}
 
 /// Seconds a step named like `name` took, from the JSON events.
 fn step_secs(run: &Run, name: &str) -> f64 {

@@ -7,7 +7,6 @@
 //! half-made images, snapshots).
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use crate::roll::{fixture, ImageModel, EFS};
@@ -48,28 +47,6 @@ fn agent_recipe(dir: &Path) -> std::path::PathBuf {
     )
 }
 
-/// The AMI id an SSM parameter holds in moto.
-fn parameter(moto: &Moto, name: &str) -> String {
-    let code = format!(
-        "import boto3\nprint(boto3.client('ssm').get_parameter(Name={name:?})['Parameter']['Value'])\n"
-    );
-    let mut cmd = Command::new("python3");
-    cmd.arg("-c").arg(code).stdin(Stdio::null());
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("AWS_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.envs(moto.harness_env());
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 /// Nothing temporary of any bake is left: no build instance alive, no jbake key pair or
 /// security group, no half-made image, no snapshot of one.
 /// The disaster-recovery region the nights copy both images to.
@@ -105,8 +82,12 @@ fn nightly_bakes_both_at_once_rolls_when_needed_and_is_silent_when_nothing_chang
     proxy.world(BOOTS_LIKE_EC2);
     // The bakes' build instances are not controllers; the images they make behave as a
     // controller image of the fixture's Jenkins, on its JENKINS_HOME.
-    f.jenkins
-        .not_controllers_from(&parameter(&f.moto, BASE_PARAM));
+    f.jenkins.not_controllers_from(
+        &f.moto
+            .parameter(REGION, BASE_PARAM)
+            .expect("the base image parameter")
+            .value,
+    );
     f.jenkins.default_image(ImageModel::new("2.479.3"));
     let vm_c = Instance::builder("nightly-c").up();
     let vm_a = Instance::builder("nightly-a").up();

@@ -11,7 +11,6 @@
 //!
 //! Pure: scripts in, scripts out (unit-tested here; run on real images by the instance tier).
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use russh::keys::ssh_key::HashAlg;
@@ -19,9 +18,10 @@ use russh::keys::PublicKey;
 use sha2::{Digest, Sha256};
 
 use crate::aws::ec2::ImageInfo;
-use crate::recipe::{Action, Origin, Phase, Step};
+use crate::recipe::{Phase, Step};
 use crate::util::shell_quote;
 
+use super::stages::machine::internal_step;
 use super::tags;
 
 /// What the test knows about the build that made the image.
@@ -83,20 +83,8 @@ fn check(number: usize, name: &str, script: String) -> Step {
     Step {
         number,
         phase: Phase::Test,
-        name: name.to_string(),
-        origin: Origin {
-            file: PathBuf::from("<jbake>"),
-            line: 0,
-            column: 0,
-        },
-        action: Action::Run { script },
-        user: None,
-        env: Vec::new(),
-        retries: 0,
-        delay: Duration::from_secs(1),
         timeout: Some(Duration::from_secs(120)),
-        when: None,
-        creates: None,
+        ..internal_step(name, script)
     }
 }
 
@@ -196,6 +184,7 @@ pub fn checks(known: &BuildIdentity) -> Vec<Step> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::recipe::Action;
 
     fn script(s: &Step) -> &str {
         match &s.action {

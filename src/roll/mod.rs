@@ -225,15 +225,7 @@ pub fn is_plain_http(url: &str) -> bool {
 /// Steps 1–3: everything is read, nothing is changed.
 pub async fn prepare(opts: &RollOptions, aws: &Aws, progress: &Progress) -> Result<Prepare, Error> {
     let mut d = discover::discover(aws, opts.asg.as_deref()).await?;
-    let drift = d.newer.as_ref().map(|n| plan::Drift {
-        group_version: d.current.number,
-        newer_version: n.number,
-        fields: aws::launch_template::differences(&d.current.data, &n.data),
-    });
-    if let Some(note) = drift
-        .as_ref()
-        .and_then(|x| plan::drift_note(x, opts.from_latest))
-    {
+    if let Some(note) = plan::Drift::of(&d).and_then(|x| plan::drift_note(&x, opts.from_latest)) {
         progress.warn(&note);
     }
     if opts.from_latest {

@@ -358,6 +358,17 @@ pub struct Drift {
     pub fields: Vec<String>,
 }
 
+impl Drift {
+    /// The template's newer version than the group's, if any, and how it differs.
+    pub fn of(d: &super::discover::Discovered) -> Option<Drift> {
+        d.newer.as_ref().map(|n| Drift {
+            group_version: d.current.number,
+            newer_version: n.number,
+            fields: crate::aws::launch_template::differences(&d.current.data, &n.data),
+        })
+    }
+}
+
 /// What to tell the operator about a newer version: nothing when it only differs in its image
 /// (an earlier roll that was rolled back); otherwise which version the roll copies and how to
 /// take the other.

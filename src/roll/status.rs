@@ -108,16 +108,7 @@ pub async fn status(aws: &Aws, asg: Option<&str>) -> Result<Status, Error> {
         Ok(h) => h.to_string(),
         Err(value) => format!("a value that is not jbake's: {value:?}"),
     });
-    let newer_version = d.newer.as_ref().and_then(|n| {
-        super::plan::drift_note(
-            &super::plan::Drift {
-                group_version: d.current.number,
-                newer_version: n.number,
-                fields: crate::aws::launch_template::differences(&d.current.data, &n.data),
-            },
-            false,
-        )
-    });
+    let newer_version = super::plan::Drift::of(&d).and_then(|x| super::plan::drift_note(&x, false));
     Ok(Status {
         newer_version,
         suspended: d.group.suspended.clone(),

@@ -318,3 +318,15 @@ impl Drop for Instance {
         }
     }
 }
+
+/// The file system type the guest sees for a bind mount of `dir` (that of the host folder).
+pub fn fstype_of(dir: &Path) -> String {
+    let out = std::process::Command::new("findmnt")
+        .args(["-n", "-o", "FSTYPE", "--target"])
+        .arg(dir)
+        .output()
+        .expect("run findmnt");
+    let t = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(!t.is_empty(), "no file system type for {}", dir.display());
+    t
+}
